@@ -1,0 +1,127 @@
+"""Store interfaces shared by the teacher (writer) and students / servers (readers).
+
+Like Feast's online store, one backend holds everything a consumer needs at
+serving or training time, keyed by *teacher version*:
+
+* candidate texts (``candidate id -> code``; version independent, ids are content hashes),
+* per version, the teacher's embedding of each candidate,
+* per version, one soft-label record per query,
+* a manifest of versions, the *current* version and the pins held on versions.
+
+A version is written while its status is ``writing``, marked ``complete``, and
+only then may become *current*: the switch is one atomic operation, and every
+record lives under its own version's keys, so a reader that resolved a version
+reads whole records of that version only. Consumers *pin* the version they were
+built on; a pinned or current version is never deleted or expired.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StoreError(RuntimeError):
+    """Base class for store failures."""
+
+
+class StoreUnavailable(StoreError):
+    """The backend cannot be reached (names the address). Callers may retry."""
+
+
+class VersionError(StoreError):
+    """An operation that the version's state forbids (unknown, incomplete, pinned, current)."""
+
+
+class VersionInfo(BaseModel):
+    """Manifest entry of one teacher version in a store."""
+
+    teacher_version: str
+    model: str
+    logit_scale: float = Field(gt=0)
+    dim: int = Field(gt=0)
+    embedding_dtype: Literal["float16", "float32"] = "float16"
+    status: Literal["writing", "complete"] = "writing"
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+    completed_at: str | None = None
+    counts: dict[str, int] = Field(default_factory=dict)
+    meta: dict[str, str] = Field(default_factory=dict)
+
+
+class SoftLabelRecord(BaseModel):
+    """The teacher's view of one query's candidate list.
+
+    ``scores`` are raw cosine similarities; the teacher's logits are
+    ``logit_scale * scores`` and soft labels ``softmax(logits / T)``. The scale is
+    stored with every record because soft labels are meaningless without it.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    query_id: str
+    teacher_version: str
+    candidate_ids: list[str]
+    scores: np.ndarray  # float32, shape (n_candidates,)
+    query_embedding: np.ndarray  # float32 or float16, shape (dim,)
+    logit_scale: float
+
+    def soft_labels(self, temperature: float = 1.0) -> np.ndarray:
+        logits = self.logit_scale * self.scores.astype(np.float64) / temperature
+        logits -= logits.max()
+        p = np.exp(logits)
+        return (p / p.sum()).astype(np.float32)
+
+
+@runtime_checkable
+class CandidateStore(Protocol):
+    def put_texts(self, texts: Mapping[str, str]) -> None: ...
+    def get_texts(self, ids: Sequence[str]) -> list[str | None]: ...
+    def put_embeddings(self, version: str, ids: Sequence[str], embeddings: np.ndarray) -> None: ...
+    def get_embeddings(self, version: str, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(matrix float32 [n, dim], found bool [n])``; missing rows are zeros."""
+        ...
+    def has_embeddings(self, version: str, ids: Sequence[str]) -> np.ndarray: ...
+    def iter_candidate_ids(self, version: str) -> Iterator[str]: ...
+
+
+@runtime_checkable
+class LabelStore(Protocol):
+    def put_labels(self, records: Sequence[SoftLabelRecord]) -> None: ...
+    def get_labels(self, version: str, query_ids: Sequence[str]) -> list[SoftLabelRecord | None]: ...
+    def has_labels(self, version: str, query_ids: Sequence[str]) -> np.ndarray: ...
+
+
+@runtime_checkable
+class VersionManifest(Protocol):
+    def begin_version(self, info: VersionInfo) -> None:
+        """Register a version as ``writing`` (idempotent: resuming keeps the existing entry)."""
+        ...
+    def complete_version(self, version: str, counts: Mapping[str, int] | None = None) -> None: ...
+    def get_version(self, version: str) -> VersionInfo | None: ...
+    def versions(self) -> list[VersionInfo]: ...
+    def set_current(self, version: str) -> None:
+        """Atomically make a *complete* version current (VersionError otherwise)."""
+        ...
+    def current(self) -> str | None: ...
+    def pin(self, version: str, consumer: str) -> None: ...
+    def unpin(self, version: str, consumer: str) -> None: ...
+    def pins(self, version: str) -> set[str]: ...
+    def delete_version(self, version: str) -> None:
+        """Delete a version's embeddings and labels; VersionError if pinned or current."""
+        ...
+    def read_current_labels(self, query_ids: Sequence[str]) -> tuple[str, list[SoftLabelRecord | None]]:
+        """Resolve the current version and read labels from it, consistently."""
+        ...
+
+
+class Store(CandidateStore, LabelStore, VersionManifest, Protocol):
+    """Everything one backend provides; what ``stores.open_store(settings)`` returns."""
+
+    def close(self) -> None: ...
+    def describe(self) -> str:
+        """Human-readable location, e.g. ``redis://127.0.0.1:6379/0 ns=codistill``."""
+        ...

@@ -1,0 +1,52 @@
+"""Shared fixtures.
+
+Integration fixtures hand out the address of a *real* service. If the
+environment names one (``CODISTILL_TEST_REDIS_URL``, ``CODISTILL_TEST_KAFKA``,
+``CODISTILL_TEST_PROMETHEUS``) it is used; otherwise the fixture starts the
+service with the repo's own ``scripts/services.sh`` on 127.0.0.1 and stops it
+when the session ends. A service that cannot be started fails the test: an
+integration test never silently skips.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_ENV = {"redis": "CODISTILL_TEST_REDIS_URL", "kafka": "CODISTILL_TEST_KAFKA", "prometheus": "CODISTILL_TEST_PROMETHEUS"}
+
+
+def _service(name: str, request: pytest.FixtureRequest) -> str:
+    env_name = _ENV[name]
+    if os.environ.get(env_name):
+        return os.environ[env_name]
+    script = ROOT / "scripts" / "services.sh"
+    proc = subprocess.run(["bash", str(script), "start", name], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        pytest.fail(f"could not start {name} with {script}:\n{proc.stdout}\n{proc.stderr}")
+    address = (ROOT / ".services" / f"{name}.address").read_text().strip()
+    request.addfinalizer(lambda: subprocess.run(["bash", str(script), "stop", name], cwd=ROOT, capture_output=True))
+    os.environ[env_name] = address  # later fixtures in this session reuse it
+    return address
+
+
+@pytest.fixture(scope="session")
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """``redis://127.0.0.1:PORT/0`` of a real redis-server."""
+    return _service("redis", request)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(request: pytest.FixtureRequest) -> str:
+    """``127.0.0.1:PORT`` of a real single-node KRaft Kafka broker."""
+    return _service("kafka", request)
+
+
+@pytest.fixture(scope="session")
+def prometheus_url(request: pytest.FixtureRequest) -> str:
+    """``http://127.0.0.1:PORT`` of a real Prometheus server."""
+    return _service("prometheus", request)
