@@ -45,6 +45,7 @@ class TrainSettings(BaseModel):
     warmup_ratio: float = 0.1
     seed: int = 0
     max_seq_length: int = 128
+    freeze_embeddings: bool = Field(True, description="keep the word-embedding table fixed (faster on CPU)")
 
 
 class TeacherSettings(BaseModel):
@@ -58,7 +59,7 @@ class TeacherSettings(BaseModel):
 
 class StoreSettings(BaseModel):
     backend: Literal["embedded", "redis"] = "embedded"
-    path: Path = Path("artifacts/store")
+    path: Path | None = Field(None, description="embedded store folder; default HOME/store")
     redis_url: str = "redis://127.0.0.1:6379/0"
     namespace: str = "codistill"
     embedding_dtype: Literal["float16", "float32"] = "float16"
@@ -68,7 +69,7 @@ class StoreSettings(BaseModel):
 
 class StreamSettings(BaseModel):
     backend: Literal["embedded", "kafka"] = "embedded"
-    path: Path = Path("artifacts/events")
+    path: Path | None = Field(None, description="embedded event-log folder; default HOME/events")
     bootstrap_servers: str = "127.0.0.1:9092"
     topic: str = "codistill.events"
     dlq_topic: str = "codistill.events.dlq"
@@ -91,8 +92,6 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     stream: StreamSettings = StreamSettings()
 
-    _config_file: Path | None = None
-
     @classmethod
     def settings_customise_sources(
         cls,
@@ -103,7 +102,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        cfg = os.environ.get("CODISTILL_CONFIG")
+        cfg = _config_file or os.environ.get("CODISTILL_CONFIG")
         if cfg:
             path = Path(cfg)
             if not path.exists():
@@ -129,9 +128,23 @@ class Settings(BaseSettings):
     def cache_dir(self) -> Path:
         return self.home / "cache"
 
+    def resolved_store(self) -> StoreSettings:
+        """Store settings with the embedded path filled in from ``home``."""
+        return self.store.model_copy(update={"path": self.store.path or self.home / "store"})
+
+    def resolved_stream(self) -> StreamSettings:
+        return self.stream.model_copy(update={"path": self.stream.path or self.home / "events"})
+
+
+_config_file: str | Path | None = None
+
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build settings from an optional file, the environment and overrides."""
-    if config_file is not None:
-        os.environ["CODISTILL_CONFIG"] = str(config_file)
-    return Settings(**overrides)
+    """Build settings from an optional file (else ``CODISTILL_CONFIG``), the environment
+    and overrides."""
+    global _config_file
+    _config_file = config_file
+    try:
+        return Settings(**overrides)
+    finally:
+        _config_file = None

@@ -1,0 +1,69 @@
+"""Shared benchmark plumbing: machine facts, services, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on (stated next to every result)."""
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": mem_gib,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+@contextmanager
+def service(name: str, env_var: str) -> Iterator[str]:
+    """Use the service the environment names, else start one with scripts/services.sh."""
+    if os.environ.get(env_var):
+        yield os.environ[env_var]
+        return
+    script = ROOT / "scripts" / "services.sh"
+    subprocess.run(["bash", str(script), "start", name], check=True, cwd=ROOT)
+    try:
+        yield (ROOT / ".services" / f"{name}.address").read_text().strip()
+    finally:
+        subprocess.run(["bash", str(script), "stop", name], cwd=ROOT, check=False)
+
+
+def write_result(name: str, payload: dict[str, Any], out: Path | None = None) -> Path:
+    path = out or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "finished_at": datetime.now(UTC).isoformat(),
+               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **payload}
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path

@@ -1,0 +1,104 @@
+"""The main job on embedded defaults: every stage of the offline half, timed.
+
+data build -> zero-shot teacher evaluation -> fine-tune (promotion gate) ->
+evaluation of the current teacher -> precompute candidate embeddings and soft
+labels for train, valid and test. Writes ``HOME/demo_summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from codistill.config import Settings
+
+
+class StepTimer:
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.steps: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        self.console.rule(f"[bold]{name}")
+        start = time.perf_counter()
+        yield
+        self.steps[name] = time.perf_counter() - start
+        self.console.print(f"[dim]{name}: {self.steps[name]:.1f}s")
+
+    def table(self) -> Table:
+        table = Table("step", "seconds", title="time per step")
+        for name, sec in self.steps.items():
+            table.add_row(name, f"{sec:.1f}")
+        table.add_row("[bold]total", f"[bold]{sum(self.steps.values()):.1f}")
+        return table
+
+
+def run_demo(settings: Settings, progress: bool = True, train: bool = True,
+             console: Console | None = None) -> dict[str, Any]:
+    from codistill.cli import metrics_table
+    from tasks.build import build_dataset
+    from teacher import workflow as wf
+
+    console = console or Console()
+    timer = StepTimer(console)
+    summary: dict[str, Any] = {"size": settings.data.size, "home": str(settings.home)}
+
+    with timer.step("build data"):
+        manifest = build_dataset(settings.data, settings.data_dir, settings.cache_dir, progress=progress)
+        summary["data"] = {"data_hash": manifest["data_hash"], "counts": manifest["counts"]}
+        console.print(json.dumps(manifest["counts"]))
+    splits = {sp: wf.load_split(settings, sp) for sp in wf.SPLITS}
+
+    def evaluate(version: str) -> dict[str, dict[str, float]]:
+        teacher = wf.open_teacher(settings, version, progress)
+        return {sp: wf.evaluate_version(settings, version, splits[sp], wf.metric_label(settings, sp),
+                                        progress, teacher) for sp in ("valid", "test")}
+
+    zs_version = wf.zero_shot_version(settings)
+    with timer.step("evaluate zero-shot teacher"):
+        summary["zero_shot"] = {"teacher_version": zs_version, **evaluate(zs_version)}
+        console.print(metrics_table(f"zero-shot {zs_version}", _splits_only(summary["zero_shot"])))
+
+    if train:
+        wf.ensure_current(settings)
+        with timer.step("fine-tune teacher"):
+            summary["train"] = wf.train_and_promote(settings, progress)
+            t = summary["train"]
+            console.print(f"candidate {t['candidate']}: valid MRR@10 {t['valid_mrr@10_candidate']:.4f} "
+                          f"vs {t['valid_mrr@10_previous']:.4f} -> "
+                          f"{'promoted' if t['promoted'] else 'not promoted, kept ' + t['current']}")
+        current = wf.ensure_current(settings)
+        with timer.step("evaluate current teacher"):
+            summary["current"] = {"teacher_version": current, **evaluate(current)}
+            console.print(metrics_table(f"current {current}", _splits_only(summary["current"])))
+    else:
+        current = wf.ensure_current(settings)
+
+    with timer.step("precompute embeddings + soft labels"):
+        stats = wf.precompute_version(settings, current, splits, progress)
+        summary["precompute"] = {"teacher_version": current, "seconds": stats.seconds,
+                                 **stats.per_split, **stats.rates()}
+        console.print(f"store: {stats.candidates_total} candidates, {stats.queries_total} queries "
+                      f"({stats.rates()['candidates_per_s']:.0f} candidates/s)")
+
+    summary["seconds"] = dict(timer.steps)
+    console.print(timer.table())
+    path = settings.home / "demo_summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    console.print(f"summary written to {path}")
+    return summary
+
+
+def _splits_only(d: dict[str, Any]) -> dict[str, dict[str, float]]:
+    return {k: v for k, v in d.items() if isinstance(v, dict)}
+
+
+Step = Callable[[], Any]

@@ -1,0 +1,148 @@
+"""Teacher commands as functions of the settings (shared by the CLI, the demo and benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from codistill.config import Settings
+from codistill.ranking import RankingExample, read_ranking_file
+from stores.base import Store
+from teacher.model import Teacher, TeacherRegistry, load_teacher
+from teacher.precompute import PrecomputeStats, precompute
+from teacher.train import finetune, make_triples, save_finetuned
+
+log = logging.getLogger("codistill.teacher")
+
+SPLITS = ("train", "valid", "test")
+
+
+def teacher_registry(settings: Settings) -> TeacherRegistry:
+    return TeacherRegistry(settings.teachers_dir, settings.home)
+
+
+def zero_shot_version(settings: Settings, base: str | None = None) -> str:
+    t = settings.teacher
+    return teacher_registry(settings).zero_shot_card(
+        base or t.model, t.logit_scale, t.max_seq_length
+    ).teacher_version
+
+
+def ensure_current(settings: Settings) -> str:
+    """The current teacher version; the zero-shot pretrained teacher if none was promoted yet."""
+    reg = teacher_registry(settings)
+    current = reg.current_version()
+    if current is None:
+        current = zero_shot_version(settings)
+        reg.set_current(current)
+    return current
+
+
+def resolve_version(settings: Settings, spec: str | None) -> str:
+    """``None``/``current`` -> the current teacher; ``minilm``/``mpnet`` -> zero-shot; else a version."""
+    from teacher.registry import known_teachers
+
+    if spec in (None, "current"):
+        return ensure_current(settings)
+    if spec in known_teachers():
+        return zero_shot_version(settings, spec)
+    teacher_registry(settings).load(spec)  # raises with the known versions listed
+    return spec
+
+
+def open_teacher(settings: Settings, version: str, progress: bool = True) -> Teacher:
+    return load_teacher(
+        teacher_registry(settings), version, settings.cache_dir,
+        batch_size=settings.teacher.batch_size, progress=progress,
+    )
+
+
+def split_path(settings: Settings, split: str) -> Path:
+    path = settings.data_dir / f"{split}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: build the data first with `codistill data build --size {settings.data.size}`"
+        )
+    return path
+
+
+def data_hash(settings: Settings) -> str | None:
+    manifest = settings.data_dir / "manifest.json"
+    return json.loads(manifest.read_text())["data_hash"] if manifest.exists() else None
+
+
+def load_split(settings: Settings, split: str) -> list[RankingExample]:
+    return read_ranking_file(split_path(settings, split))
+
+
+def evaluate_version(
+    settings: Settings, version: str, examples: list[RankingExample], label: str | None = None,
+    progress: bool = True, teacher: Teacher | None = None,
+) -> dict[str, float]:
+    """Evaluate and, for named demo splits, remember the result on the teacher's card."""
+    from teacher.evaluate import evaluate_teacher
+
+    teacher = teacher or open_teacher(settings, version, progress)
+    result = evaluate_teacher(teacher, examples)
+    if label:
+        reg = teacher_registry(settings)
+        card = reg.load(version)
+        card.metrics[label] = result
+        reg.save(card)
+    return result
+
+
+def metric_label(settings: Settings, split: str) -> str:
+    return f"{settings.data.size}/{split}@{(data_hash(settings) or 'nodata')[:12]}"
+
+
+def train_and_promote(settings: Settings, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune the current teacher; promote the result only if valid MRR@10 improves."""
+    reg = teacher_registry(settings)
+    old_version = ensure_current(settings)
+    train, valid = load_split(settings, "train"), load_split(settings, "valid")
+    label = metric_label(settings, "valid")
+    teacher = open_teacher(settings, old_version, progress)
+    old_metrics = reg.load(old_version).metrics.get(label) or evaluate_version(
+        settings, old_version, valid, label, progress, teacher
+    )
+    cfg = settings.teacher.train
+    result = finetune(teacher, make_triples(train, cfg.hard_negatives, cfg.seed), cfg, progress)
+    card = save_finetuned(teacher, reg, cfg, data_hash(settings), result)
+    teacher.card = card  # the cache is keyed by version: evaluate as the new teacher
+    new_metrics = evaluate_version(settings, card.teacher_version, valid, label, progress, teacher)
+    promoted = new_metrics["mrr@10"] > old_metrics["mrr@10"]
+    if promoted:
+        reg.set_current(card.teacher_version)
+    return {
+        "previous": old_version,
+        "candidate": card.teacher_version,
+        "promoted": promoted,
+        "current": reg.current_version(),
+        "valid_mrr@10_previous": old_metrics["mrr@10"],
+        "valid_mrr@10_candidate": new_metrics["mrr@10"],
+        "train": result.summary(),
+    }
+
+
+def open_configured_store(settings: Settings) -> Store:
+    from stores import open_store
+
+    return open_store(settings.resolved_store())
+
+
+def precompute_version(
+    settings: Settings, version: str, splits: dict[str, list[RankingExample]],
+    progress: bool = True, make_current: bool = True,
+) -> PrecomputeStats:
+    teacher = open_teacher(settings, version, progress)
+    store = open_configured_store(settings)
+    try:
+        return precompute(
+            teacher, store, splits, settings.store.embedding_dtype,
+            make_current=make_current, progress=progress,
+        )
+    finally:
+        store.close()
