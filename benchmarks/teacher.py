@@ -101,7 +101,7 @@ def main() -> None:
         settings.teacher.train = settings.teacher.train.model_copy(update={"max_steps": 3, "batch_size": 4})
     result: dict = {"machine": machine(), "size": size, "quick": args.quick}
 
-    manifest = build_dataset(settings.data, settings.data_dir, settings.cache_dir, progress=True)
+    manifest = build_dataset(settings.data, settings.data_dir, settings.download_dir, progress=True)
     result["data"] = manifest
     splits = {sp: wf.load_split(settings, sp) for sp in wf.SPLITS}
 

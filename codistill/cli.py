@@ -107,7 +107,7 @@ def data_build(
 
     s = settings(**({"data": {"size": size}} if size else {}))
     target = out_dir or s.data_dir
-    manifest = build_dataset(s.data, target, s.cache_dir, extra_sources=extra_source or (), progress=progress())
+    manifest = build_dataset(s.data, target, s.download_dir, extra_sources=extra_source or (), progress=progress())
     out.print(f"wrote {target} (data_hash {manifest['data_hash'][:16]})")
     out.print_json(json.dumps(manifest["counts"]))
 

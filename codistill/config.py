@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     def cache_dir(self) -> Path:
         return self.home / "cache"
 
+    @property
+    def download_dir(self) -> Path:
+        """Pinned downloads (source wheels) shared by every home: immutable, so safe to share."""
+        return Path(os.environ.get("CODISTILL_DOWNLOADS", Path.home() / ".cache" / "codistill"))
+
     def resolved_store(self) -> StoreSettings:
         """Store settings with the embedded path filled in from ``home``."""
         return self.store.model_copy(update={"path": self.store.path or self.home / "store"})

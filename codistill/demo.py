@@ -51,7 +51,7 @@ def run_demo(settings: Settings, progress: bool = True, train: bool = True,
     summary: dict[str, Any] = {"size": settings.data.size, "home": str(settings.home)}
 
     with timer.step("build data"):
-        manifest = build_dataset(settings.data, settings.data_dir, settings.cache_dir, progress=progress)
+        manifest = build_dataset(settings.data, settings.data_dir, settings.download_dir, progress=progress)
         summary["data"] = {"data_hash": manifest["data_hash"], "counts": manifest["counts"]}
         console.print(json.dumps(manifest["counts"]))
     splits = {sp: wf.load_split(settings, sp) for sp in wf.SPLITS}

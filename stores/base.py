@@ -118,6 +118,7 @@ class VersionManifest(Protocol):
         ...
 
 
+@runtime_checkable
 class Store(CandidateStore, LabelStore, VersionManifest, Protocol):
     """Everything one backend provides; what ``stores.open_store(settings)`` returns."""
 

@@ -7,8 +7,8 @@ import pytest
 
 from codistill.config import StoreSettings, load_settings
 from stores import StoreUnavailable, open_store
-from tests.test_precompute import run_interrupted_then_resumed
 from teacher import workflow as wf
+from tests.test_precompute import run_interrupted_then_resumed
 
 pytestmark = pytest.mark.integration
 

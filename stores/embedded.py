@@ -1,0 +1,423 @@
+"""Embedded store: one SQLite file, the default that needs no server.
+
+Why SQLite in WAL mode: it is durable on local disk, several processes (a
+teacher writing, students and servers reading) can share the file safely,
+readers never block the writer, and a crash (even ``kill -9``) in the middle
+of a write loses at most the uncommitted transaction, never half of one.
+Every ``put_*`` call is one transaction, so a batch is either fully there or
+not at all, and ``read_current_labels`` resolves the current version and reads
+its labels inside one read transaction (one WAL snapshot).
+
+Connections are opened lazily, one per thread and process: a connection must
+not cross ``fork()`` (SQLite forbids it), so a pid change makes the child open
+its own and leave the inherited ones untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from stores.base import SoftLabelRecord, StoreError, StoreUnavailable, VersionError, VersionInfo
+from stores.codec import (
+    check_embeddings,
+    check_record,
+    check_version_name,
+    decode_label,
+    decode_vectors,
+    encode_label,
+    encode_vectors,
+)
+
+SCHEMA_VERSION = 1
+DB_NAME = "store.sqlite"
+_SQL_CHUNK = 500  # ids per "IN (...)": far below SQLite's variable limit
+_PAGE = 1000  # ids per page of iter_candidate_ids: short read transactions
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS texts (id TEXT PRIMARY KEY, text TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS embeddings (
+    version TEXT NOT NULL, id TEXT NOT NULL, vec BLOB NOT NULL, PRIMARY KEY (version, id));
+CREATE TABLE IF NOT EXISTS labels (
+    version TEXT NOT NULL, query_id TEXT NOT NULL, rec BLOB NOT NULL,
+    PRIMARY KEY (version, query_id));
+CREATE TABLE IF NOT EXISTS versions (version TEXT PRIMARY KEY, info TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pointers (name TEXT PRIMARY KEY, version TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pins (
+    version TEXT NOT NULL, consumer TEXT NOT NULL, PRIMARY KEY (version, consumer));
+"""
+
+# Connections inherited over fork(): kept referenced so the child never closes them
+# (closing would touch the parent's locks and WAL index).
+_INHERITED: list[sqlite3.Connection] = []
+
+
+def _chunks(items: Sequence[str], size: int = _SQL_CHUNK) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class EmbeddedStore:
+    """SQLite-backed :class:`stores.base.Store` at ``root / "store.sqlite"``."""
+
+    def __init__(self, root: str | Path, *, timeout_s: float = 30.0) -> None:
+        self.root = Path(root)
+        self.db_path = self.root / DB_NAME
+        self._timeout_s = timeout_s
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._generation = 0
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create store directory {self.root}: {exc}") from exc
+        self._init_schema()
+
+    # ------------------------------------------------------------------ plumbing
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.db_path, timeout=self._timeout_s, isolation_level=None, check_same_thread=False
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(self._timeout_s * 1000)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a committed batch also survives power loss, at one fsync per transaction.
+        conn.execute("PRAGMA synchronous = FULL")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection in this process, opened on first use."""
+        if os.getpid() != self._pid:
+            _INHERITED.extend(self._conns)
+            self._pid, self._lock, self._conns = os.getpid(), threading.Lock(), []
+            self._local = threading.local()
+        local = self._local
+        if getattr(local, "generation", None) != self._generation or local.conn is None:
+            local.conn = self._connect()
+            local.generation = self._generation
+            with self._lock:
+                self._conns.append(local.conn)
+        return local.conn
+
+    @contextmanager
+    def _tx(self, write: bool) -> Iterator[sqlite3.Connection]:
+        """One transaction; ``write`` takes the write lock up front (no upgrade deadlocks)."""
+        try:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            msg = str(exc)
+            if "locked" in msg or "busy" in msg or "unable to open" in msg:
+                raise StoreUnavailable(f"SQLite store at {self.db_path}: {msg}") from exc
+            raise StoreError(f"SQLite store at {self.db_path}: {msg}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"SQLite store at {self.db_path}: {exc}") from exc
+
+    def _init_schema(self) -> None:
+        with self._tx(write=True) as conn:
+            (found,) = conn.execute("PRAGMA user_version").fetchone()
+            if found > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.db_path} has schema {found}; this code knows {SCHEMA_VERSION}"
+                )
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @staticmethod
+    def _info(conn: sqlite3.Connection, version: str) -> VersionInfo | None:
+        row = conn.execute("SELECT info FROM versions WHERE version = ?", (version,)).fetchone()
+        return None if row is None else VersionInfo.model_validate_json(row[0])
+
+    def _require(self, conn: sqlite3.Connection, version: str) -> VersionInfo:
+        info = self._info(conn, version)
+        if info is None:
+            raise VersionError(f"unknown teacher version {version!r} in {self.db_path}")
+        return info
+
+    def _require_writing(self, conn: sqlite3.Connection, version: str) -> VersionInfo:
+        info = self._require(conn, version)
+        if info.status != "writing":
+            raise VersionError(f"version {version!r} is {info.status}; it can no longer be written")
+        return info
+
+    @staticmethod
+    def _current(conn: sqlite3.Connection) -> str | None:
+        row = conn.execute("SELECT version FROM pointers WHERE name = 'current'").fetchone()
+        return None if row is None else row[0]
+
+    @staticmethod
+    def _select(
+        conn: sqlite3.Connection, sql: str, version: str, ids: Sequence[str]
+    ) -> dict[str, bytes]:
+        """Run ``sql`` (with ``{marks}`` for the id list) over id chunks; id -> 2nd column."""
+        found: dict[str, bytes] = {}
+        unique = list(dict.fromkeys(ids))
+        for chunk in _chunks(unique):
+            marks = ",".join("?" * len(chunk))
+            found.update(conn.execute(sql.format(marks=marks), (version, *chunk)).fetchall())
+        return found
+
+    # ------------------------------------------------------------------ candidates
+    def put_texts(self, texts: Mapping[str, str]) -> None:
+        with self._tx(write=True) as conn:
+            conn.executemany(
+                "INSERT INTO texts (id, text) VALUES (?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET text = excluded.text",
+                texts.items(),
+            )
+
+    def get_texts(self, ids: Sequence[str]) -> list[str | None]:
+        found: dict[str, str] = {}
+        with self._tx(write=False) as conn:
+            for chunk in _chunks(list(dict.fromkeys(ids))):
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT id, text FROM texts WHERE id IN ({marks})"
+                found.update(conn.execute(sql, tuple(chunk)).fetchall())
+        return [found.get(i) for i in ids]
+
+    def put_embeddings(self, version: str, ids: Sequence[str], embeddings: np.ndarray) -> None:
+        info = self.get_version(version)
+        if info is None:
+            raise VersionError(f"unknown teacher version {version!r} in {self.db_path}")
+        check_embeddings(version, info.dim, ids, embeddings)
+        blobs = encode_vectors(embeddings, info.embedding_dtype)
+        with self._tx(write=True) as conn:
+            self._require_writing(conn, version)
+            conn.executemany(
+                "INSERT OR REPLACE INTO embeddings (version, id, vec) VALUES (?, ?, ?)",
+                ((version, i, b) for i, b in zip(ids, blobs, strict=True)),
+            )
+
+    def get_embeddings(self, version: str, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        with self._tx(write=False) as conn:
+            info = self._require(conn, version)
+            sql = "SELECT id, vec FROM embeddings WHERE version = ? AND id IN ({marks})"
+            found = self._select(conn, sql, version, ids)
+        return decode_vectors([found.get(i) for i in ids], info.dim)
+
+    def has_embeddings(self, version: str, ids: Sequence[str]) -> np.ndarray:
+        return self._has("embeddings", "id", version, ids)
+
+    def _has(self, table: str, column: str, version: str, ids: Sequence[str]) -> np.ndarray:
+        sql = f"SELECT {column}, 1 FROM {table} WHERE version = ? AND {column} IN ({{marks}})"
+        with self._tx(write=False) as conn:
+            found = self._select(conn, sql, version, ids)
+        return np.fromiter((i in found for i in ids), dtype=bool, count=len(ids))
+
+    def iter_candidate_ids(self, version: str) -> Iterator[str]:
+        """Ids in sorted order, paged so no read transaction stays open between pages."""
+        last = ""
+        while True:
+            with self._tx(write=False) as conn:
+                rows = conn.execute(
+                    "SELECT id FROM embeddings WHERE version = ? AND id > ? ORDER BY id LIMIT ?",
+                    (version, last, _PAGE),
+                ).fetchall()
+            yield from (r[0] for r in rows)
+            if len(rows) < _PAGE:
+                return
+            last = rows[-1][0]
+
+    # ------------------------------------------------------------------ labels
+    def put_labels(self, records: Sequence[SoftLabelRecord]) -> None:
+        rows = self._encode_records(records)
+        with self._tx(write=True) as conn:
+            for version in {r[0] for r in rows}:
+                self._require_writing(conn, version)
+            conn.executemany(
+                "INSERT OR REPLACE INTO labels (version, query_id, rec) VALUES (?, ?, ?)", rows
+            )
+
+    def _encode_records(self, records: Iterable[SoftLabelRecord]) -> list[tuple[str, str, bytes]]:
+        infos: dict[str, VersionInfo] = {}
+        rows = []
+        for rec in records:
+            info = infos.get(rec.teacher_version) or self.get_version(rec.teacher_version)
+            if info is None:
+                raise VersionError(f"unknown teacher version {rec.teacher_version!r}")
+            infos[rec.teacher_version] = info
+            check_record(rec, info.dim, info.logit_scale)
+            rows.append(
+                (rec.teacher_version, rec.query_id, encode_label(rec, info.embedding_dtype))
+            )
+        return rows
+
+    def get_labels(self, version: str, query_ids: Sequence[str]) -> list[SoftLabelRecord | None]:
+        with self._tx(write=False) as conn:
+            found = self._select(conn, self._LABELS_SQL, version, query_ids)
+        return self._decode_labels(found, query_ids)
+
+    _LABELS_SQL = "SELECT query_id, rec FROM labels WHERE version = ? AND query_id IN ({marks})"
+
+    @staticmethod
+    def _decode_labels(
+        found: Mapping[str, bytes], query_ids: Sequence[str]
+    ) -> list[SoftLabelRecord | None]:
+        decoded = {q: decode_label(blob) for q, blob in found.items()}
+        return [decoded.get(q) for q in query_ids]
+
+    def has_labels(self, version: str, query_ids: Sequence[str]) -> np.ndarray:
+        return self._has("labels", "query_id", version, query_ids)
+
+    # ------------------------------------------------------------------ manifest
+    def begin_version(self, info: VersionInfo) -> None:
+        check_version_name(info.teacher_version)
+        with self._tx(write=True) as conn:
+            existing = self._info(conn, info.teacher_version)
+            if existing is None:
+                conn.execute(
+                    "INSERT INTO versions (version, info) VALUES (?, ?)",
+                    (info.teacher_version, info.model_dump_json()),
+                )
+                return
+        _check_resume(existing, info)
+
+    def complete_version(self, version: str, counts: Mapping[str, int] | None = None) -> None:
+        with self._tx(write=True) as conn:
+            info = self._require(conn, version)
+            measured = {
+                "embeddings": conn.execute(
+                    "SELECT COUNT(*) FROM embeddings WHERE version = ?", (version,)
+                ).fetchone()[0],
+                "labels": conn.execute(
+                    "SELECT COUNT(*) FROM labels WHERE version = ?", (version,)
+                ).fetchone()[0],
+            }
+            done = _completed(info, measured, counts)
+            conn.execute(
+                "UPDATE versions SET info = ? WHERE version = ?", (done.model_dump_json(), version)
+            )
+
+    def get_version(self, version: str) -> VersionInfo | None:
+        with self._tx(write=False) as conn:
+            return self._info(conn, version)
+
+    def versions(self) -> list[VersionInfo]:
+        with self._tx(write=False) as conn:
+            rows = conn.execute("SELECT info FROM versions").fetchall()
+        infos = [VersionInfo.model_validate_json(r[0]) for r in rows]
+        return sorted(infos, key=lambda i: (i.created_at, i.teacher_version))
+
+    def set_current(self, version: str) -> None:
+        with self._tx(write=True) as conn:
+            info = self._require(conn, version)
+            if info.status != "complete":
+                raise VersionError(
+                    f"version {version!r} is {info.status}; only a complete one can become current"
+                )
+            conn.execute(
+                "INSERT INTO pointers (name, version) VALUES ('current', ?) "
+                "ON CONFLICT(name) DO UPDATE SET version = excluded.version",
+                (version,),
+            )
+
+    def current(self) -> str | None:
+        with self._tx(write=False) as conn:
+            return self._current(conn)
+
+    def pin(self, version: str, consumer: str) -> None:
+        with self._tx(write=True) as conn:
+            self._require(conn, version)
+            conn.execute(
+                "INSERT OR IGNORE INTO pins (version, consumer) VALUES (?, ?)", (version, consumer)
+            )
+
+    def unpin(self, version: str, consumer: str) -> None:
+        with self._tx(write=True) as conn:
+            conn.execute("DELETE FROM pins WHERE version = ? AND consumer = ?", (version, consumer))
+
+    def pins(self, version: str) -> set[str]:
+        with self._tx(write=False) as conn:
+            rows = conn.execute("SELECT consumer FROM pins WHERE version = ?", (version,))
+            return {r[0] for r in rows}
+
+    def delete_version(self, version: str) -> None:
+        """Delete a version's data and manifest entry; a no-op for an unknown version."""
+        with self._tx(write=True) as conn:
+            if self._current(conn) == version:
+                raise VersionError(f"version {version!r} is current; it cannot be deleted")
+            pins = [
+                r[0]
+                for r in conn.execute("SELECT consumer FROM pins WHERE version = ?", (version,))
+            ]
+            if pins:
+                raise VersionError(f"version {version!r} is pinned by {sorted(pins)}")
+            for table in ("embeddings", "labels", "versions"):
+                conn.execute(f"DELETE FROM {table} WHERE version = ?", (version,))
+
+    def read_current_labels(
+        self, query_ids: Sequence[str]
+    ) -> tuple[str, list[SoftLabelRecord | None]]:
+        with self._tx(write=False) as conn:  # one snapshot: pointer and labels agree
+            version = self._current(conn)
+            if version is None:
+                raise VersionError(f"no current version in {self.db_path}")
+            found = self._select(conn, self._LABELS_SQL, version, query_ids)
+        return version, self._decode_labels(found, query_ids)
+
+    # ------------------------------------------------------------------ lifecycle
+    def describe(self) -> str:
+        return f"sqlite://{self.db_path.resolve()} (embedded)"
+
+    def close(self) -> None:
+        """Close this process's connections; the store reopens lazily if used again."""
+        if os.getpid() != self._pid:
+            return
+        with self._lock:
+            conns, self._conns = self._conns, []
+            self._generation += 1
+        for conn in conns:
+            conn.close()
+
+    def __enter__(self) -> EmbeddedStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_resume(existing: VersionInfo, info: VersionInfo) -> None:
+    """Resuming a version is fine; reusing its name for a different teacher is not."""
+    fields = ("model", "dim", "logit_scale", "embedding_dtype")
+    diff = {
+        f: (getattr(existing, f), getattr(info, f))
+        for f in fields
+        if getattr(existing, f) != getattr(info, f)
+    }
+    if diff:
+        detail = ", ".join(f"{f}: stored {a!r} != given {b!r}" for f, (a, b) in diff.items())
+        raise VersionError(f"version {info.teacher_version!r} exists with different {detail}")
+
+
+def _completed(
+    info: VersionInfo, measured: Mapping[str, int], counts: Mapping[str, int] | None
+) -> VersionInfo:
+    """The manifest entry marked complete; measured counts, overridden by the caller's."""
+    return info.model_copy(
+        update={
+            "status": "complete",
+            "completed_at": info.completed_at or _now(),
+            "counts": {**info.counts, **measured, **(counts or {})},
+        }
+    )

@@ -1,0 +1,109 @@
+"""Event stream interfaces shared by the embedded log and Kafka.
+
+The online trainer must apply every event batch exactly once across crashes. It
+does so by checkpointing (weights, next offset per partition, join state)
+atomically and committing group offsets only afterwards; on restart it resumes
+from its checkpoint. That needs *deterministic* reads - the same
+``(partition, start_offset, max_records)`` always yields the same records - which
+:class:`EventReader` provides. Ordinary consumers (the DLQ inspector, dashboards)
+use a :class:`GroupConsumer` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+class StreamError(RuntimeError):
+    """Base class for stream failures."""
+
+
+class StreamUnavailable(StreamError):
+    """The backend cannot be reached (the message names the address). Callers may retry."""
+
+
+class UnknownTopic(StreamError):
+    """The topic does not exist (create it with ``create_topic`` / ``ensure_topics``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One message as stored: where it is, its key, its raw value and its append time."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: bytes
+    timestamp_ms: int
+
+
+@runtime_checkable
+class EventProducer(Protocol):
+    def send(self, topic: str, key: str, value: bytes) -> None:
+        """Queue one message; the key picks the partition (murmur2, like Kafka)."""
+        ...
+
+    def flush(self) -> None:
+        """Block until every queued message is durably appended (raises on failure)."""
+        ...
+
+
+@runtime_checkable
+class EventReader(Protocol):
+    def partitions(self, topic: str) -> list[int]: ...
+
+    def read(self, topic: str, partition: int, start_offset: int, max_records: int) -> list[Record]:
+        """Up to ``max_records`` records starting exactly at ``start_offset``, in offset order.
+
+        Fewer (possibly none) when the rest is not available yet; never a gap.
+        """
+        ...
+
+    def end_offset(self, topic: str, partition: int) -> int:
+        """Offset the next appended record will get (= records so far for the embedded log)."""
+        ...
+
+    def committed(self, group: str, topic: str, partition: int) -> int | None:
+        """The group's committed *next* offset, or None if it never committed."""
+        ...
+
+    def commit(self, group: str, topic: str, offsets: Mapping[int, int]) -> None:
+        """Store ``{partition: next_offset}`` for the group (atomically for the embedded log)."""
+        ...
+
+
+@runtime_checkable
+class GroupConsumer(Protocol):
+    """A subscribed consumer with manual commits: at least once, resumes at its commits."""
+
+    def poll(self, timeout_s: float = 1.0, max_records: int = 500) -> list[Record]: ...
+
+    def commit(self) -> None:
+        """Commit the position after the last record returned by :meth:`poll`."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class EventStream(EventProducer, EventReader, Protocol):
+    """Everything one backend provides; what ``streaming.open_stream(settings)`` returns."""
+
+    def create_topic(self, topic: str, partitions: int) -> None:
+        """Create a topic; idempotent (an existing topic keeps its partition count)."""
+        ...
+
+    def ensure_topics(self) -> None:
+        """Create the configured events and dead-letter topics if missing."""
+        ...
+
+    def group_consumer(self, group: str, topics: list[str]) -> GroupConsumer: ...
+
+    def describe(self) -> str:
+        """Human-readable location, e.g. ``kafka://127.0.0.1:9092``."""
+        ...
+
+    def close(self) -> None: ...

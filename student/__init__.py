@@ -1,0 +1,26 @@
+"""Students: small bi-encoders distilled from the teacher, trained online on CPU.
+
+Importing the package registers the built-in students with ``Student.load``.
+"""
+
+from student.base import BatchScores, CandidateSource, Student, register_student, score_embeddings
+from student.bow import BowConfig, BowStudent
+from student.losses import IPWClickLoss, ListwiseKDLoss, MarginMSELoss, OnlineLoss, OnlineLossParts
+from student.tokenizer import SubwordTokenizer, split_identifiers
+
+__all__ = [
+    "BatchScores",
+    "BowConfig",
+    "BowStudent",
+    "CandidateSource",
+    "IPWClickLoss",
+    "ListwiseKDLoss",
+    "MarginMSELoss",
+    "OnlineLoss",
+    "OnlineLossParts",
+    "Student",
+    "SubwordTokenizer",
+    "register_student",
+    "score_embeddings",
+    "split_identifiers",
+]

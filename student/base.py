@@ -1,0 +1,376 @@
+"""The interface every codistill student implements, and what they share.
+
+A student is a bi-encoder: a *query tower* and a *candidate tower* map token ids
+to L2-normalised embeddings and the score is ``s_S * cosine`` with a learnable
+scale ``s_S`` (stored as ``log_scale``, so it stays positive; initialised near
+the teacher's scale of 20, clamped at ``MAX_SCALE`` as in CLIP). The towers work
+on tensors (``embed_queries`` / ``embed_candidates``) so that ``onnx_export`` can
+write each as an ONNX graph with dynamic batch and sequence axes; everything
+text-level (tokenising, scoring, batching) is written once here.
+
+Asymmetric students
+-------------------
+A student may have a query tower only and score against candidate embeddings the
+*teacher* precomputed (the store holds them per teacher version). Such a class
+sets ``has_candidate_tower = False`` and is given a ``CandidateSource`` at
+construction or load time; ``encode_candidates`` then asks the source instead of a
+tower, and ``forward_scores``, ``score``, ``save`` and ``onnx_export`` (query graph
+only) work unchanged. A sketch::
+
+    class StoreCandidates:                       # a CandidateSource
+        def __init__(self, store: CandidateStore, version: str) -> None: ...
+        def embed(self, texts):
+            ids = [candidate_id(t) for t in texts]
+            emb, found = self.store.get_embeddings(self.version, ids)
+            if not found.all(): raise KeyError(...)  # or encode misses with the teacher
+            return torch.from_numpy(emb)
+
+    @register_student
+    class AsymmetricBowStudent(Student):
+        kind = "asym-bow"
+        has_candidate_tower = False
+        # embed_queries: a BoW query tower projecting to the teacher's dim (384)
+
+Its ``teacher_version`` must equal the source's version: embeddings of another
+teacher live in another space. Saving writes the query tower only; the source is
+a runtime dependency passed to ``Student.load(dir, candidate_source=...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from student.tokenizer import SubwordTokenizer
+
+FORMAT = "codistill-student"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ONNX_QUERY_FILE = "query_encoder.onnx"
+ONNX_CANDIDATE_FILE = "candidate_encoder.onnx"
+ONNX_META_FILE = "onnx.json"
+ONNX_OPSET = 17
+MAX_SCALE = 100.0
+ENCODE_CHUNK = 512  # texts per forward pass in encode_*: bounds memory on large corpora
+
+_REGISTRY: dict[str, type[Student]] = {}
+
+
+@runtime_checkable
+class CandidateSource(Protocol):
+    """Candidate embeddings for a student without a candidate tower (e.g. teacher's, stored)."""
+
+    def embed(self, texts: Sequence[str]) -> Tensor:
+        """Return float32 ``[n, d]`` embeddings of ``texts`` (no gradient needed)."""
+        ...
+
+
+class BatchScores(NamedTuple):
+    """Scores of a ragged batch of candidate lists, padded to ``[B, K]``.
+
+    ``mask[b, k]`` is False where query ``b`` has fewer than ``k + 1`` candidates;
+    padded scores are 0 and every loss takes the mask.
+    """
+
+    scores: Tensor
+    mask: Tensor
+
+
+def register_student(cls: type[Student]) -> type[Student]:
+    """Class decorator: make ``Student.load`` able to rebuild ``cls`` from its ``kind``."""
+    if not cls.kind:
+        raise ValueError(f"{cls.__name__} must set a non-empty 'kind'")
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def score_embeddings(q: Tensor, c: Tensor, scale: Tensor | float) -> Tensor:
+    """``scale * cosine(q, c)``: q ``[B, d]`` with c ``[K, d]`` (shared pool) or ``[B, K, d]``."""
+    q = F.normalize(q, dim=-1)
+    c = F.normalize(c, dim=-1)
+    if c.dim() == 2:
+        return scale * (q @ c.T)
+    return scale * torch.einsum("bd,bkd->bk", q, c)
+
+
+class _Tower(nn.Module):
+    """Exposes one side of a student as ``forward(input_ids, attention_mask)`` for export."""
+
+    def __init__(self, student: Student, side: str) -> None:
+        super().__init__()
+        self.student = student
+        self.side = side
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if self.side == "query":
+            return self.student.embed_queries(input_ids, attention_mask)
+        return self.student.embed_candidates(input_ids, attention_mask)
+
+
+class Student(nn.Module, ABC):
+    """Base of all students: text-level API, scoring, persistence and ONNX export."""
+
+    kind: ClassVar[str] = ""
+    has_candidate_tower: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        tokenizer: SubwordTokenizer,
+        teacher_version: str,
+        *,
+        query_max_len: int = 64,
+        candidate_max_len: int = 256,
+        init_scale: float = 20.0,
+        candidate_source: CandidateSource | None = None,
+    ) -> None:
+        super().__init__()
+        if not tokenizer.is_fitted:
+            raise ValueError("the tokenizer must be fitted before building a student")
+        if not self.has_candidate_tower and candidate_source is None:
+            raise ValueError(f"{type(self).__name__} has no candidate tower: pass candidate_source")
+        self.tokenizer = tokenizer
+        self.teacher_version = teacher_version
+        self.query_max_len = query_max_len
+        self.candidate_max_len = candidate_max_len
+        self.candidate_source = candidate_source
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+
+    # -- what a concrete student provides -------------------------------------------------
+    @abstractmethod
+    def embed_queries(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Token ids ``[n, L]`` and 0/1 mask ``[n, L]`` -> L2-normalised ``[n, d]``."""
+
+    def embed_candidates(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Candidate tower; students with ``has_candidate_tower = False`` keep this default."""
+        raise NotImplementedError(f"{type(self).__name__} has no candidate tower")
+
+    @property
+    @abstractmethod
+    def embedding_dim(self) -> int:
+        """Dimension ``d`` of the embeddings both sides produce."""
+
+    @abstractmethod
+    def model_config(self) -> dict[str, Any]:
+        """JSON-ready hyperparameters; ``from_config`` must rebuild the same architecture."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(
+        cls,
+        config: dict[str, Any],
+        tokenizer: SubwordTokenizer,
+        teacher_version: str,
+        **kwargs: Any,
+    ) -> Student:
+        """Build an (untrained) student from ``model_config()`` output."""
+
+    # -- scoring --------------------------------------------------------------------------
+    @property
+    def scale(self) -> Tensor:
+        """The student's logit scale ``s_S`` (positive, at most ``MAX_SCALE``)."""
+        return self.log_scale.clamp(max=math.log(MAX_SCALE)).exp()
+
+    def _encode(self, texts: Sequence[str], side: str) -> Tensor:
+        max_len = self.query_max_len if side == "query" else self.candidate_max_len
+        embed = self.embed_queries if side == "query" else self.embed_candidates
+        device = self.log_scale.device
+        chunks = []
+        for start in range(0, len(texts), ENCODE_CHUNK):
+            ids, mask = self.tokenizer.encode_batch(texts[start : start + ENCODE_CHUNK], max_len)
+            chunks.append(embed(ids.to(device), mask.to(device)))
+        if not chunks:
+            return torch.zeros(0, self.embedding_dim, device=device)
+        return torch.cat(chunks)
+
+    def encode_queries(self, texts: Sequence[str]) -> Tensor:
+        """L2-normalised query embeddings ``[n, d]`` (with gradient unless disabled)."""
+        return self._encode(list(texts), "query")
+
+    def encode_candidates(self, texts: Sequence[str]) -> Tensor:
+        """Candidate embeddings ``[n, d]``, from the candidate tower or the candidate source."""
+        if self.has_candidate_tower:
+            return self._encode(list(texts), "candidate")
+        assert self.candidate_source is not None  # checked in __init__
+        return self.candidate_source.embed(list(texts)).to(self.log_scale.device)
+
+    def score_embeddings(self, q: Tensor, c: Tensor) -> Tensor:
+        """``s_S * cosine``; see the module-level ``score_embeddings`` for shapes."""
+        return score_embeddings(q, c, self.scale)
+
+    def forward_scores(
+        self, query_batch: Sequence[str], candidate_batch: Sequence[Sequence[str]]
+    ) -> BatchScores:
+        """Training scores ``[B, K]`` (student logits) for B queries and their candidate lists.
+
+        Each distinct candidate text in the batch is encoded once (random negatives
+        and popular code repeat across queries); lists may differ in length.
+        """
+        if len(query_batch) != len(candidate_batch):
+            raise ValueError("query_batch and candidate_batch must have the same length")
+        index: dict[str, int] = {}
+        for cands in candidate_batch:
+            for text in cands:
+                index.setdefault(text, len(index))
+        width = max([len(c) for c in candidate_batch] + [1])
+        gather = torch.zeros(len(candidate_batch), width, dtype=torch.long)
+        mask = torch.zeros(len(candidate_batch), width, dtype=torch.bool)
+        for row, cands in enumerate(candidate_batch):
+            gather[row, : len(cands)] = torch.tensor([index[t] for t in cands], dtype=torch.long)
+            mask[row, : len(cands)] = True
+        q = self.encode_queries(query_batch)
+        c = self.encode_candidates(list(index))
+        if not index:
+            return BatchScores(q.new_zeros(mask.shape), mask.to(q.device))
+        gather, mask = gather.to(q.device), mask.to(q.device)
+        scores = self.score_embeddings(q, c).gather(1, gather)
+        return BatchScores(scores.masked_fill(~mask, 0.0), mask)
+
+    def forward(
+        self, query_batch: Sequence[str], candidate_batch: Sequence[Sequence[str]]
+    ) -> BatchScores:
+        return self.forward_scores(query_batch, candidate_batch)
+
+    @torch.inference_mode()
+    def score(self, query: str, candidates: Sequence[str]) -> np.ndarray:
+        """Inference: ``s_S * cosine`` of one query against its candidates, float32 ``[K]``.
+
+        Runs in eval mode and restores the previous mode afterwards.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            q = self.encode_queries([query])
+            c = self.encode_candidates(list(candidates))
+            return self.score_embeddings(q, c)[0].float().cpu().numpy()
+        finally:
+            self.train(was_training)
+
+    # -- persistence ----------------------------------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "teacher_version": self.teacher_version,
+            "query_max_len": self.query_max_len,
+            "candidate_max_len": self.candidate_max_len,
+            "model": self.model_config(),
+            "tokenizer": self.tokenizer.to_dict(),
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``config.json`` (architecture, teacher version, vocabulary) and safetensors."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        meta = {"kind": self.kind, "teacher_version": self.teacher_version}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata=meta)
+        (directory / CONFIG_FILE).write_text(json.dumps(self._config(), indent=1) + "\n")
+        return directory
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        expected_teacher_version: str | None = None,
+        candidate_source: CandidateSource | None = None,
+        tokenizer_path: str | Path | None = None,
+    ) -> Student:
+        """Rebuild any registered student from ``save`` output (dispatches on ``kind``).
+
+        ``expected_teacher_version`` guards against serving a student next to labels
+        or embeddings of another teacher.
+        """
+        directory = Path(directory)
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{directory / CONFIG_FILE}: not a codistill student (v{FORMAT_VERSION})"
+            )
+        student_cls = _REGISTRY.get(config["kind"])
+        if student_cls is None:
+            raise ValueError(f"unknown student kind {config['kind']!r}; known: {sorted(_REGISTRY)}")
+        if cls is not Student and not issubclass(student_cls, cls):
+            raise ValueError(f"{directory} holds a {config['kind']!r} student, not {cls.__name__}")
+        version = config["teacher_version"]
+        if expected_teacher_version is not None and version != expected_teacher_version:
+            raise ValueError(
+                f"student was built on teacher {version!r}, expected {expected_teacher_version!r}"
+            )
+        tokenizer = SubwordTokenizer.from_dict(config["tokenizer"], tokenizer_path=tokenizer_path)
+        kwargs: dict[str, Any] = {
+            "query_max_len": config["query_max_len"],
+            "candidate_max_len": config["candidate_max_len"],
+        }
+        if candidate_source is not None:
+            kwargs["candidate_source"] = candidate_source
+        student = student_cls.from_config(config["model"], tokenizer, version, **kwargs)
+        student.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+        return student.eval()
+
+    # -- ONNX -----------------------------------------------------------------------------
+    def onnx_export(self, directory: str | Path) -> dict[str, Path]:
+        """Write the query (and candidate) tower as ONNX graphs plus ``onnx.json``.
+
+        Graph inputs: ``input_ids`` and ``attention_mask``, int64 ``[batch, sequence]``
+        (both axes dynamic); output ``embeddings`` float32 ``[batch, d]``, L2-normalised.
+        ``onnx.json`` carries the logit scale and lengths a server needs; the vocabulary
+        stays in ``config.json`` (write it with ``save`` into the same directory).
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        sides = {"query": ONNX_QUERY_FILE}
+        if self.has_candidate_tower:
+            sides["candidate"] = ONNX_CANDIDATE_FILE
+        was_training = self.training
+        self.eval()
+        ids = torch.tensor([[2, 3, 4], [5, 0, 0]], dtype=torch.long, device=self.log_scale.device)
+        mask = (ids != 0).long()
+        axes = {0: "batch", 1: "sequence"}
+        paths: dict[str, Path] = {}
+        try:
+            for side, name in sides.items():
+                paths[side] = directory / name
+                with warnings.catch_warnings():
+                    # the TorchScript exporter is deprecated but needs no onnxscript
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    torch.onnx.export(
+                        _Tower(self, side),
+                        (ids, mask),
+                        str(paths[side]),
+                        input_names=["input_ids", "attention_mask"],
+                        output_names=["embeddings"],
+                        dynamic_axes={
+                            "input_ids": axes,
+                            "attention_mask": axes,
+                            "embeddings": {0: "batch"},
+                        },
+                        opset_version=ONNX_OPSET,
+                        dynamo=False,
+                    )
+        finally:
+            self.train(was_training)
+        meta = {
+            "kind": self.kind,
+            "teacher_version": self.teacher_version,
+            "logit_scale": float(self.scale.detach()),
+            "query_max_len": self.query_max_len,
+            "candidate_max_len": self.candidate_max_len,
+            "files": {side: p.name for side, p in paths.items()},
+        }
+        paths["meta"] = directory / ONNX_META_FILE
+        paths["meta"].write_text(json.dumps(meta, indent=1) + "\n")
+        return paths

@@ -1,0 +1,132 @@
+"""The first student: a neural bag-of-subwords bi-encoder.
+
+Per side: ``e = normalize(P · Σ_i w_i E[x_i] / Σ_i w_i)`` over the unmasked
+subwords ``x_i``, with an embedding table ``E`` ``[V, dim]`` (row 0 = padding),
+a learned per-subword weight ``w = softplus(u[x])`` (IDF-like: the model learns
+to mute ``self``, ``return``, ``(``), and a bias-free projection ``P`` to
+``out_dim``. Without a bias the L2 normalisation makes weighted mean and weighted
+sum pooling identical, so ``w`` are pure importance weights.
+
+No attention and no order: encoding costs one gather and one small matmul (a
+prototype of this design ranked ~100x faster than the MiniLM teacher on CPU). It uses
+``nn.Embedding`` + a masked sum rather than ``EmbeddingBag`` so the ONNX graph is
+plain Gather/Mul/ReduceSum/MatMul.
+
+Sharing: by default the two towers are one (siamese) model, so an untrained
+student already matches a query subword with the same subword in code. On the
+stdlib learning task (in-batch listwise CE, 6 epochs, 6 seeds) this beat a shared
+table with separate projections in 5 of 6 seeds (held-out MRR@10 0.460 vs 0.434),
+and separate projections *not* started equal fell to 0.28. ``BowConfig`` can untie
+the projection or the table; unshared parts always start as copies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from student.base import Student, register_student
+from student.tokenizer import SubwordTokenizer
+
+_SOFTPLUS_INV_1 = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_INV_1) == 1: all weights start at 1
+
+
+@dataclass(frozen=True)
+class BowConfig:
+    """Architecture of a ``BowStudent`` (the vocabulary size comes from the tokenizer)."""
+
+    dim: int = 128
+    out_dim: int = 256
+    share_embedding: bool = True
+    share_projection: bool = True
+    init_std: float = 0.1
+
+
+@register_student
+class BowStudent(Student):
+    """Bag-of-subwords bi-encoder; score = ``s_S * cosine`` (see module docstring)."""
+
+    kind = "bow"
+
+    def __init__(
+        self,
+        tokenizer: SubwordTokenizer,
+        teacher_version: str,
+        config: BowConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(tokenizer, teacher_version, **kwargs)
+        self.config = config or BowConfig()
+        cfg, vocab = self.config, tokenizer.vocab_size
+        n_tables = 1 if cfg.share_embedding else 2
+        n_proj = 1 if cfg.share_projection else 2
+        # index 0 serves queries, index -1 candidates: one module per *distinct* table, so
+        # state_dict never holds a tensor twice (safetensors refuses shared tensors)
+        self.embeddings = nn.ModuleList(
+            nn.Embedding(vocab, cfg.dim, padding_idx=0) for _ in range(n_tables)
+        )
+        self.token_weights = nn.ModuleList(
+            nn.Embedding(vocab, 1, padding_idx=0) for _ in range(n_tables)
+        )
+        self.projections = nn.ModuleList(
+            nn.Linear(cfg.dim, cfg.out_dim, bias=False) for _ in range(n_proj)
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for emb in self.embeddings:
+            nn.init.normal_(emb.weight, std=self.config.init_std)
+        for weight in self.token_weights:
+            nn.init.constant_(weight.weight, _SOFTPLUS_INV_1)
+        with torch.no_grad():
+            for table in [*self.embeddings, *self.token_weights]:
+                table.weight[0].zero_()
+            # unshared towers start identical: the untrained model is then a lexical matcher
+            # (a subword in the query matches itself in the code), not two unrelated spaces
+            for pair in (self.embeddings, self.token_weights, self.projections):
+                if len(pair) == 2:
+                    pair[1].weight.copy_(pair[0].weight)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.out_dim
+
+    def _tower(self, side: int, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        emb = self.embeddings[side](input_ids)  # [n, L, dim]
+        mask = attention_mask.to(emb.dtype)
+        w = F.softplus(self.token_weights[side](input_ids).squeeze(-1)) * mask  # [n, L]
+        pooled = (w.unsqueeze(-1) * emb).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
+        return F.normalize(self.projections[side](pooled), dim=-1)
+
+    def embed_queries(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self._tower(0, input_ids, attention_mask)
+
+    def embed_candidates(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self._tower(-1, input_ids, attention_mask)
+
+    def model_config(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: dict[str, Any],
+        tokenizer: SubwordTokenizer,
+        teacher_version: str,
+        **kwargs: Any,
+    ) -> BowStudent:
+        known = {f.name for f in fields(BowConfig)}
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(f"unknown BowConfig fields: {sorted(unknown)}")
+        return cls(tokenizer, teacher_version, BowConfig(**config), **kwargs)
+
+    def size_report(self) -> dict[str, float]:
+        """Parameter count and float32 size in MB (for logs and the README)."""
+        n = sum(p.numel() for p in self.parameters())
+        return {"parameters": n, "megabytes": n * 4 / 1e6}
