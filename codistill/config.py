@@ -45,7 +45,11 @@ class TrainSettings(BaseModel):
     warmup_ratio: float = 0.1
     seed: int = 0
     max_seq_length: int = 128
-    freeze_embeddings: bool = Field(True, description="keep the word-embedding table fixed (faster on CPU)")
+    freeze_embeddings: bool = Field(True, description="keep the embedding layer fixed (faster on CPU)")
+    train_layers: int = Field(
+        0, ge=0, description="fine-tune only the top N transformer layers (0 = all); "
+        "backward then stops at the first trainable layer, which is what makes CPU training fast"
+    )
 
 
 class TeacherSettings(BaseModel):

@@ -72,10 +72,7 @@ def finetune(teacher: Teacher, triples: Sequence[Triple], cfg: TrainSettings, pr
     rng = random.Random(cfg.seed)
     model = teacher.model
     model.max_seq_length = cfg.max_seq_length
-    if cfg.freeze_embeddings:  # the 12M-row vocabulary table dominates the optimizer's cost
-        for name, p in model.named_parameters():
-            if "word_embeddings" in name:
-                p.requires_grad_(False)
+    _freeze(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     warmup = max(1, int(cfg.warmup_ratio * cfg.max_steps))
@@ -114,6 +111,21 @@ def finetune(teacher: Teacher, triples: Sequence[Triple], cfg: TrainSettings, pr
     model.max_seq_length = teacher.card.max_seq_length
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _freeze(model, cfg: TrainSettings) -> None:
+    """Freeze the embedding layer and, with ``train_layers``, all but the top N layers."""
+    import re
+
+    layer_of = re.compile(r"\.layers?\.(\d+)\.")
+    n_layers = 1 + max((int(m.group(1)) for n, _ in model.named_parameters()
+                        if (m := layer_of.search(n))), default=-1)
+    lowest_trained = n_layers - cfg.train_layers if cfg.train_layers else 0
+    for name, p in model.named_parameters():
+        m = layer_of.search(name)
+        frozen = (cfg.freeze_embeddings or cfg.train_layers) and ".embeddings." in name
+        frozen = frozen or (m is not None and int(m.group(1)) < lowest_trained)
+        p.requires_grad_(not frozen)
 
 
 def save_finetuned(
