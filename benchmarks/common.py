@@ -41,6 +41,7 @@ def machine() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "platform": platform.platform(),
+        "load_average_1m_at_start": os.getloadavg()[0],  # > cores means the timings are pessimistic
     }
 
 
@@ -62,6 +63,7 @@ def write_result(name: str, payload: dict[str, Any], out: Path | None = None) ->
     path = out or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "finished_at": datetime.now(UTC).isoformat(),
+               "load_average_1m_at_end": os.getloadavg()[0],
                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **payload}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path

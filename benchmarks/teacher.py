@@ -93,12 +93,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small data, 3 training steps")
     ap.add_argument("--home", type=Path, default=Path("artifacts/bench-teacher"))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--steps", type=int, default=60,
+                    help="fine-tuning step budget (no time budget, so the result is reproducible)")
     args = ap.parse_args()
 
     size = "small" if args.quick else args.size
     settings = load_settings(home=args.home, data={"size": size})
-    if args.quick:
-        settings.teacher.train = settings.teacher.train.model_copy(update={"max_steps": 3, "batch_size": 4})
+    budget = {"max_steps": 3, "batch_size": 4} if args.quick else {"max_steps": args.steps}
+    settings.teacher.train = settings.teacher.train.model_copy(update={**budget, "time_budget_s": 1e9})
     result: dict = {"machine": machine(), "size": size, "quick": args.quick}
 
     manifest = build_dataset(settings.data, settings.data_dir, settings.download_dir, progress=True)

@@ -29,6 +29,9 @@ app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(store_app, name="store")
+from student.cli import student_app  # noqa: E402
+
+app.add_typer(student_app, name="student")
 
 console = Console(stderr=True)
 out = Console()
@@ -52,7 +55,8 @@ def settings(**overrides: Any) -> Settings:
     try:
         s = load_settings(_STATE.get("config"), **overrides)
     except Exception as exc:  # pydantic / file errors: say what is wrong, no traceback
-        console.print(f"[red]invalid configuration:[/red] {exc}")
+        console.print("[red]invalid configuration:[/red]", end=" ")
+        console.print(str(exc), markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
     if s.threads:
         import torch
@@ -66,7 +70,8 @@ def progress() -> bool:
 
 
 def _fail(exc: BaseException) -> typer.Exit:
-    console.print(f"[red]error:[/red] {exc}")
+    console.print("[red]error:[/red]", end=" ")
+    console.print(str(exc), markup=False, soft_wrap=True)  # one line, no markup: paths may hold []
     return typer.Exit(1)
 
 

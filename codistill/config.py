@@ -37,17 +37,17 @@ class DataSettings(BaseModel):
 class TrainSettings(BaseModel):
     """Fine-tuning budget: whichever of steps / seconds runs out first stops training."""
 
-    max_steps: int = Field(150, ge=0)
-    time_budget_s: float = Field(150.0, gt=0)
+    max_steps: int = Field(60, ge=0)
+    time_budget_s: float = Field(180.0, gt=0)
     batch_size: int = Field(16, ge=2)
     hard_negatives: int = Field(1, ge=0, description="BM25 hard negatives per query in a batch")
-    lr: float = 3e-5
+    lr: float = 5e-5
     warmup_ratio: float = 0.1
     seed: int = 0
-    max_seq_length: int = 128
+    max_seq_length: int = 96
     freeze_embeddings: bool = Field(True, description="keep the embedding layer fixed (faster on CPU)")
     train_layers: int = Field(
-        0, ge=0, description="fine-tune only the top N transformer layers (0 = all); "
+        2, ge=0, description="fine-tune only the top N transformer layers (0 = all); "
         "backward then stops at the first trainable layer, which is what makes CPU training fast"
     )
 

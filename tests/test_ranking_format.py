@@ -6,7 +6,12 @@ from pathlib import Path
 import pytest
 
 from codistill.ids import candidate_id, normalize_code, query_id
-from codistill.ranking import RankingExample, RankingFileError, read_ranking_file, write_ranking_file
+from codistill.ranking import (
+    RankingExample,
+    RankingFileError,
+    read_ranking_file,
+    write_ranking_file,
+)
 
 
 def _write(path: Path, rows: list[object]) -> Path:

@@ -1,0 +1,45 @@
+"""The teacher commands on user-supplied ranking files (ids filled by hashing, bad files rejected)."""
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from codistill.cli import app
+from tests.test_teacher import examples
+
+runner = CliRunner()
+
+
+def _user_file(path: Path) -> Path:
+    rows = [{"query": ex.query, "candidates": ex.candidates, "labels": ex.labels} for ex in examples()]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_evaluate_and_precompute_a_user_file(tmp_path: Path) -> None:
+    data = _user_file(tmp_path / "mine.jsonl")
+    out = tmp_path / "m.json"
+    res = runner.invoke(app, ["--home", str(tmp_path / "h"), "-q", "teacher", "evaluate",
+                              "--data", str(data), "--json-out", str(out)])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert result["results"][str(data)]["n_queries"] == 6
+    assert result["results"][str(data)]["mrr@10"] >= 0.9
+    res = runner.invoke(app, ["--home", str(tmp_path / "h"), "-q", "teacher", "precompute", "--data", str(data)])
+    assert res.exit_code == 0, res.output
+    assert "6/6 queries written" in res.output
+    res = runner.invoke(app, ["--home", str(tmp_path / "h"), "store", "info"])
+    assert res.exit_code == 0 and "complete" in res.output
+
+
+def test_malformed_file_names_line_and_field_and_writes_nothing(tmp_path: Path) -> None:
+    data = _user_file(tmp_path / "bad.jsonl")
+    lines = data.read_text().splitlines()
+    lines[3] = json.dumps({"query": "x", "candidates": ["a", "b"], "labels": [1]})
+    data.write_text("\n".join(lines) + "\n")
+    home = tmp_path / "h"
+    res = runner.invoke(app, ["--home", str(home), "teacher", "precompute", "--data", str(data)])
+    assert res.exit_code == 1
+    assert "bad.jsonl:4: field 'labels'" in res.output
+    assert not (home / "store").exists()
