@@ -19,7 +19,9 @@ import uuid
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as a script, this folder would be sys.path[0] and this file would shadow the
+# `teacher` package: put the repository root there instead.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402

@@ -3,8 +3,9 @@
 A teacher is described by a ``TeacherCard`` (``teacher.json``): where its
 weights are, their hash, the logit scale, the data it was tuned on and its
 offline metrics. The *teacher version* is derived from everything that changes
-its outputs (base model, weights hash, scale, sequence length), so two
-machines that build the same teacher agree on the version and on the store keys.
+its outputs (base model, weights hash, scale, sequence length) and, for a
+fine-tuned teacher, from its data hash and training config, so two machines that
+build the same teacher agree on the version and on the store keys.
 
 Logits are ``logit_scale * cosine`` (20, the usual sentence-transformers scale):
 a softmax over raw cosines in [-1, 1] is almost flat and useless as a soft label.
@@ -45,12 +46,15 @@ class TeacherCard(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def compute_version(self) -> str:
-        ident = {
+        ident: dict[str, Any] = {
             "base": self.base,
             "weights": self.weights_sha256,
             "scale": self.logit_scale,
             "max_seq_length": self.max_seq_length,
         }
+        if self.kind == "fine-tuned":  # same weights from other data/config: another lineage
+            train = self.train or {}
+            ident.update(data=self.data_hash, parent=train.get("from"), config=train.get("config"))
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.base}-{'zs' if self.kind == 'zero-shot' else 'ft'}-{digest}"
 

@@ -95,7 +95,7 @@ def finetune(teacher: Teacher, triples: Sequence[Triple], cfg: TrainSettings, pr
         q = model(model.preprocess([t.query for t in batch]))["sentence_embedding"]
         d = model(model.preprocess(docs))["sentence_embedding"]
         sim = teacher.logit_scale * F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T
-        loss = F.cross_entropy(sim, torch.arange(len(batch)))
+        loss = F.cross_entropy(sim, torch.arange(len(batch), device=sim.device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -152,7 +152,7 @@ def save_finetuned(
         max_seq_length=teacher.card.max_seq_length,
         dim=teacher.dim,
         data_hash=data_hash,
-        train={"from": teacher.version, **cfg.model_dump(), **result.summary()},
+        train={"from": teacher.version, "config": cfg.model_dump(), "result": result.summary()},
     )
     card.teacher_version = card.compute_version()
     card.model_path = f"{card.teacher_version}/model"
