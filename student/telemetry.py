@@ -1,0 +1,162 @@
+"""What the online trainer exposes: Prometheus metrics and drift detection.
+
+Every trainer owns a :class:`~prometheus_client.CollectorRegistry` (two trainers
+in one process, e.g. tests, do not collide), served with ``start_http_server``
+when a port is configured. Names are prefixed ``codistill_trainer_``; the DLQ
+counter is the shared ``codistill_dlq_events_total`` of :mod:`streaming.dlq`,
+registered on the same registry.
+
+Drift: one ``river.drift.ADWIN`` per signal - the per-batch online loss and the
+teacher-student top-1 agreement on the batch's labelled queries. ADWIN keeps an
+adaptive window and flags a change when two sub-windows' means differ
+significantly; a flag is a *drift event*. The ``drift_state`` gauge stays 1 for
+``hold_batches`` batches after an event so a 15 s scrape interval cannot miss it.
+Detector state is pickled into checkpoints so a restarted trainer keeps its window.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections import deque
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from streaming.dlq import dlq_counter
+
+PREFIX = "codistill_trainer_"
+SIGNALS = ("loss", "agreement")
+
+
+class DriftMonitor:
+    """ADWIN per signal; counts events and remembers the batch of the last one."""
+
+    def __init__(self, delta: float = 0.002, hold_batches: int = 10) -> None:
+        from river import drift  # imported here: river.drift costs ~1 s to import
+
+        self.delta = delta
+        self.hold_batches = hold_batches
+        self.detectors = {s: drift.ADWIN(delta=delta) for s in SIGNALS}
+        self.events = dict.fromkeys(SIGNALS, 0)
+        self.last_event: dict[str, int | None] = dict.fromkeys(SIGNALS, None)
+
+    def update(self, signal: str, value: float, batch: int) -> bool:
+        """Feed one per-batch value; True when it completes a drift event."""
+        detector = self.detectors[signal]
+        detector.update(float(value))
+        if detector.drift_detected:
+            self.events[signal] += 1
+            self.last_event[signal] = batch
+            return True
+        return False
+
+    def in_drift(self, signal: str, batch: int) -> bool:
+        last = self.last_event[signal]
+        return last is not None and batch - last < self.hold_batches
+
+    def state(self, batch: int) -> dict[str, Any]:
+        return {
+            s: {"events": self.events[s], "last_event_batch": self.last_event[s],
+                "in_drift": self.in_drift(s, batch), "mean": self.detectors[s].estimation,
+                "window": self.detectors[s].width}
+            for s in SIGNALS
+        }
+
+    def dumps(self) -> bytes:
+        return pickle.dumps(self)
+
+    @staticmethod
+    def loads(data: bytes) -> DriftMonitor:
+        """Only ever fed the trainer's own checkpoint files (pickle runs code)."""
+        monitor = pickle.loads(data)  # noqa: S301
+        if not isinstance(monitor, DriftMonitor):
+            raise TypeError("not a DriftMonitor")
+        return monitor
+
+
+class RateMeter:
+    """Events per second over a sliding wall-clock window."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self.samples: deque[tuple[float, int]] = deque()
+        self.total = 0
+
+    def add(self, n: int, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        self.total += n
+        self.samples.append((now, self.total))
+        while len(self.samples) > 2 and now - self.samples[0][0] > self.window_s:
+            self.samples.popleft()
+        t0, n0 = self.samples[0]
+        return (self.total - n0) / (now - t0) if now > t0 else 0.0
+
+
+class TrainerMetrics:
+    """The trainer's Prometheus metrics on its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=r)
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(PREFIX + name, doc, labels, registry=r)
+
+        self.info = gauge("info", "Constant 1, labelled with the trainer and its pinned teacher",
+                          ("name", "teacher_version"))
+        self.events = counter("events_consumed", "Records read from the events topic")
+        self.events_rate = gauge("events_per_second", "Records consumed per second (10 s window)")
+        self.lag = gauge("lag", "End offset minus the trainer's next offset", ("partition",))
+        self.batches = counter("batches_applied", "Offset batches applied to the model")
+        self.steps = counter("optimizer_steps", "Optimizer steps taken")
+        self.impressions = counter("impressions_joined", "Joined impressions handed to training")
+        self.label_hits = counter("label_hits", "Impressions whose query had a teacher record")
+        self.label_misses = counter("label_misses", "Impressions trained on feedback only "
+                                    "(no teacher record, or one not covering the shown list)")
+        self.store_outages = counter("store_outages", "Times the label store became unreachable")
+        self.store_retries = counter("store_retries", "Retried store calls during outages")
+        self.stream_outages = counter("stream_outages", "Times the stream became unreachable")
+        self.join_dropped = gauge("join_dropped", "Events the joiner dropped, by reason "
+                                  "(cumulative since the first checkpoint)", ("reason",))
+        self.loss = gauge("loss", "Per-batch online loss, by part", ("part",))
+        self.agreement = gauge("agreement", "Teacher-student top-1 agreement on the last batch")
+        self.drift_state = gauge("drift_state", "1 while a recent drift event is held",
+                                 ("signal",))
+        self.drift_events = counter("drift_events", "ADWIN drift events", ("signal",))
+        self.checkpoint_seconds = Histogram(
+            PREFIX + "checkpoint_seconds", "Time to write a checkpoint and commit offsets",
+            registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.last_checkpoint = gauge("last_checkpoint_batch", "Batch count of the last checkpoint")
+        self.dlq = dlq_counter(r)  # codistill_dlq_events_total{reason}
+        for signal in SIGNALS:
+            self.drift_state.labels(signal=signal).set(0)
+            self.drift_events.labels(signal=signal)
+        self._rate = RateMeter()
+        self.port: int | None = None
+        self._server: Any = None
+
+    def consumed(self, n: int) -> None:
+        self.events.inc(n)
+        self.events_rate.set(self._rate.add(n))
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Serve ``/metrics`` on ``port`` (0 = off); returns the port."""
+        if port:
+            self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
+            self.port = port
+        return port
+
+    def close(self) -> None:
+        """Stop the HTTP server (a long-running trainer never needs to; tests do)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """A sample's current value (for tests and the summary)."""
+        return self.registry.get_sample_value(name, labels or {})
