@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -53,21 +54,30 @@ def encode_throughput(settings: Settings, version: str, texts: list[str], querie
 
 
 def store_throughput(settings: Settings, version: str, splits: dict, redis_url: str) -> dict:
-    """Precompute end to end into the embedded store (cold embedding cache, so it includes
-    encoding), then again into fresh embedded and Redis stores with a warm cache, which
-    isolates the store write path."""
-    results = {}
-    cold = settings.model_copy(update={"home": settings.home / "cold"})
+    """Precompute end to end into the embedded store with an empty embedding cache (so it
+    includes encoding), then into fresh embedded and Redis stores with the cache that run
+    filled, which isolates the store write path."""
+    from teacher.cache import EmbeddingCache
+
+    reg = wf.teacher_registry(settings)
+    card = reg.load(version)
+    cache_dir = settings.home / "bench-cold-cache"
+    if cache_dir.exists():
+        shutil.rmtree(cache_dir)
+    cache_dir.mkdir(parents=True)
+    teacher = Teacher(card, reg.model_dir(card), cache=EmbeddingCache(cache_dir / "embeddings.sqlite"),
+                      batch_size=settings.teacher.batch_size, progress=False)
+    embedded = settings.resolved_store()
     runs = [
-        ("embedded_cold_cache", cold, settings.resolved_store().model_copy(
-            update={"path": settings.home / "bench-store-cold"})),
-        ("embedded_warm_cache", settings, settings.resolved_store().model_copy(
-            update={"path": settings.home / "bench-store-warm"})),
-        ("redis_warm_cache", settings, settings.store.model_copy(
+        ("embedded_cold_cache", embedded.model_copy(update={"path": settings.home / "bench-store-cold"})),
+        ("embedded_warm_cache", embedded.model_copy(update={"path": settings.home / "bench-store-warm"})),
+        ("redis_warm_cache", settings.store.model_copy(
             update={"backend": "redis", "redis_url": redis_url, "namespace": f"bench{uuid.uuid4().hex[:6]}"})),
     ]
-    for name, s, store_cfg in runs:
-        teacher = wf.open_teacher(s, version, progress=False) if s is settings else _cold_teacher(s, settings, version)
+    results = {}
+    for name, store_cfg in runs:
+        if store_cfg.path is not None and store_cfg.path.exists():
+            shutil.rmtree(store_cfg.path)
         store = open_store(store_cfg)
         try:
             stats = precompute(teacher, store, splits, settings.store.embedding_dtype, progress=True)
@@ -77,16 +87,6 @@ def store_throughput(settings: Settings, version: str, splits: dict, redis_url: 
                          "candidates": stats.candidates_written, "queries": stats.queries_written,
                          **{k: round(v, 1) for k, v in stats.rates().items()}}
     return results
-
-
-def _cold_teacher(cold: Settings, settings: Settings, version: str) -> Teacher:
-    reg = wf.teacher_registry(settings)
-    card = reg.load(version)
-    from teacher.cache import EmbeddingCache
-
-    cold.cache_dir.mkdir(parents=True, exist_ok=True)
-    return Teacher(card, reg.model_dir(card), cache=EmbeddingCache(cold.cache_dir / "embeddings.sqlite"),
-                   batch_size=settings.teacher.batch_size, progress=False)
 
 
 def main() -> None:

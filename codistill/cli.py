@@ -46,6 +46,7 @@ def main(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
     _STATE.update(config=config, home=home, progress=not quiet)
 
 
@@ -286,12 +287,13 @@ def store_unpin(version: str, consumer: str) -> None:
 def demo(
     size: Annotated[Size, typer.Option(help="data size")] = "demo",
     skip_train: Annotated[bool, typer.Option(help="skip fine-tuning")] = False,
+    skip_student: Annotated[bool, typer.Option(help="stop after precompute")] = False,
 ) -> None:
-    """The main job: data -> zero-shot eval -> fine-tune -> eval -> precompute all splits."""
+    """The main job: data -> teacher eval / fine-tune / eval -> precompute -> student."""
     from codistill.demo import run_demo
 
     s = settings(data={"size": size})
-    run_demo(s, progress=progress(), train=not skip_train, console=out)
+    run_demo(s, progress=progress(), train=not skip_train, console=out, student=not skip_student)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,14 +2,15 @@
 
 data build -> zero-shot teacher evaluation -> fine-tune (promotion gate) ->
 evaluation of the current teacher -> precompute candidate embeddings and soft
-labels for train, valid and test. Writes ``HOME/demo_summary.json``.
+labels for train, valid and test -> distil the student from the train labels ->
+online training over a seeded event stream. Writes ``HOME/demo_summary.json``.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -41,7 +42,7 @@ class StepTimer:
 
 
 def run_demo(settings: Settings, progress: bool = True, train: bool = True,
-             console: Console | None = None) -> dict[str, Any]:
+             console: Console | None = None, student: bool = True) -> dict[str, Any]:
     from codistill.cli import metrics_table
     from tasks.build import build_dataset
     from teacher import workflow as wf
@@ -88,6 +89,19 @@ def run_demo(settings: Settings, progress: bool = True, train: bool = True,
         console.print(f"store: {stats.candidates_total} candidates, {stats.queries_total} queries "
                       f"({stats.rates()['candidates_per_s']:.0f} candidates/s)")
 
+    if student:
+        from student import distill, online_demo
+
+        with timer.step("distill student (offline warm start)"):
+            summary["distill"] = distill.demo_step(settings, progress, console=console)
+        student_dir = summary["distill"]["path"]
+        with timer.step("online training over a seeded event stream"):
+            summary["online"] = online_demo.demo_step(settings, student_dir, progress)
+            tr = summary["online"]["trainer"]
+            console.print(f"online: {tr['events_this_run']} events in {tr['batches']} batches "
+                          f"({tr['events_per_s']:.0f} events/s), counters {tr['counters']}; "
+                          f"test MRR@10 {summary['online']['test']['mrr@10']:.4f}")
+
     summary["seconds"] = dict(timer.steps)
     console.print(timer.table())
     path = settings.home / "demo_summary.json"
@@ -100,5 +114,3 @@ def run_demo(settings: Settings, progress: bool = True, train: bool = True,
 def _splits_only(d: dict[str, Any]) -> dict[str, dict[str, float]]:
     return {k: v for k, v in d.items() if isinstance(v, dict)}
 
-
-Step = Callable[[], Any]

@@ -1,0 +1,56 @@
+"""A seeded event stream for the demo: impressions and position-biased clicks over the
+train split's queries, produced into the configured event log, then consumed by the
+online trainer (warm-started from the distilled student when there is one)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from codistill import metrics
+from codistill.config import Settings
+from streaming import open_stream
+from streaming.generator import ClickModel, QuerySpec, generate_stream
+
+
+def produce_demo_stream(settings: Settings, n_requests: int = 1500, seed: int = 0,
+                        malformed_rate: float = 0.02) -> dict[str, int]:
+    """Write a seeded stream (with a few malformed messages for the DLQ) to the events topic."""
+    from teacher.workflow import load_split
+
+    train = load_split(settings, "train")
+    specs = [QuerySpec(ex.query_id, ex.query, ex.candidate_ids, [float(x) for x in ex.labels])
+             for ex in train]
+    gen = generate_stream(specs, n_requests, seed, click_model=ClickModel(eta=1.0), max_shown=10,
+                          malformed_rate=malformed_rate)
+    stream = open_stream(settings.resolved_stream())
+    try:
+        stream.ensure_topics()
+        for m in gen.messages:
+            stream.send(settings.stream.topic, m.key, m.value)
+        stream.flush()
+    finally:
+        stream.close()
+    return dict(gen.counts)
+
+
+def demo_step(settings: Settings, init_student: str | None, progress: bool = True) -> dict[str, Any]:
+    """Produce the seeded stream, train online until its end, evaluate on the test split."""
+    import shutil
+
+    from student.base import Student
+    from student.online import OnlineTrainerConfig, run_online
+    from teacher.workflow import load_split
+
+    stream_cfg = settings.resolved_stream()
+    cfg = OnlineTrainerConfig(name="demo", until_end=True, init_student=init_student)
+    if stream_cfg.backend == "embedded" and stream_cfg.path is not None:
+        # a re-run starts over: a fresh log, and no checkpoint of another teacher to resume
+        shutil.rmtree(stream_cfg.path, ignore_errors=True)
+        shutil.rmtree(settings.home / "online" / cfg.name, ignore_errors=True)
+    produced = produce_demo_stream(settings)
+    summary = run_online(settings, cfg)
+    student = Student.load(summary["student_dir"])
+    test = load_split(settings, "test")
+    scores = [student.score(ex.query, ex.candidates) for ex in test]
+    return {"produced": produced, "trainer": summary,
+            "test": metrics.evaluate(scores, [ex.labels for ex in test])}

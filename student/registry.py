@@ -1,0 +1,177 @@
+"""Saved students: ``HOME/students/<student-version>/`` plus a ``current.json`` pointer.
+
+Each folder holds what ``Student.save`` writes (``config.json`` + ``model.safetensors``)
+and a ``student.json`` card: the teacher version it was distilled from, the
+training recipe, the weights' sha256 and its offline metrics. Like the teacher's
+registry, the *student version* is derived from what determines the student's
+outputs (kind, teacher version, recipe, weights hash): the same bytes always get
+the same id, and a served student can be traced to the exact soft labels it learned
+from. A folder is written under a temporary name and renamed into place, so a
+reader never sees half a student; ``current.json`` is switched atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from student.base import WEIGHTS_FILE, Student
+
+CARD_FILE = "student.json"
+POINTER_FILE = "current.json"
+
+
+class StudentIntegrityError(RuntimeError):
+    """A student's weights differ from the hash on its card."""
+
+
+class StudentCard(BaseModel):
+    student_version: str = ""
+    kind: str
+    teacher_version: str
+    weights_sha256: str = Field(description="sha256 of the tensors (see weights_digest)")
+    recipe: dict[str, Any] = Field(default_factory=dict, description="distillation settings")
+    size: dict[str, float] = Field(default_factory=dict, description="parameters, megabytes")
+    data_hash: str | None = None
+    train: dict[str, Any] = Field(default_factory=dict, description="training summary")
+    metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    def compute_version(self) -> str:
+        ident = {
+            "kind": self.kind,
+            "teacher": self.teacher_version,
+            "recipe": self.recipe,
+            "weights": self.weights_sha256,
+        }
+        blob = json.dumps(ident, sort_keys=True, default=str).encode()
+        return f"{self.kind}-{hashlib.sha256(blob).hexdigest()[:10]}"
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 over the tensors of a safetensors file (names, dtypes, shapes, bytes).
+
+    Not over the file: safetensors writes its metadata map in a per-process random
+    order, so saving the same weights twice gives different file bytes.
+    """
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="numpy") as fh:
+        for name in sorted(fh.keys()):
+            arr = fh.get_tensor(name)
+            h.update(f"{name}|{arr.dtype.str}|{list(arr.shape)}|".encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+class StudentRegistry:
+    """Student folders under ``students_dir`` (normally ``HOME/students``)."""
+
+    def __init__(self, students_dir: str | Path) -> None:
+        self.dir = Path(students_dir)
+
+    def path(self, version: str) -> Path:
+        return self.dir / version
+
+    def save(self, student: Student, card: StudentCard) -> StudentCard:
+        """Write ``student`` with ``card`` (hash and version filled in here); returns the card.
+
+        Saving the same weights with the same recipe again yields the same version and
+        only refreshes the card.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            student.save(tmp)
+            card = card.model_copy(update={
+                "kind": student.kind,
+                "teacher_version": student.teacher_version,
+                "weights_sha256": weights_digest(tmp / WEIGHTS_FILE),
+            })
+            card.student_version = card.compute_version()
+            target = self.path(card.student_version)
+            if target.exists():  # identical weights and recipe: keep the files, refresh the card
+                _atomic_write(target / CARD_FILE, card.model_dump_json(indent=2))
+            else:
+                (tmp / CARD_FILE).write_text(card.model_dump_json(indent=2))
+                tmp.rename(target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return card
+
+    def update_card(self, card: StudentCard) -> None:
+        """Rewrite the card of an existing student (e.g. new metrics); files stay as they are."""
+        self.load_card(card.student_version)  # must exist
+        _atomic_write(self.path(card.student_version) / CARD_FILE, card.model_dump_json(indent=2))
+
+    def load_card(self, version: str) -> StudentCard:
+        path = self.path(version) / CARD_FILE
+        if not path.exists():
+            known = ", ".join(self.versions()) or "none"
+            raise FileNotFoundError(f"no student {version!r} under {self.dir} (known: {known})")
+        return StudentCard.model_validate_json(path.read_text())
+
+    def load(self, version: str, **load_kwargs: Any) -> Student:
+        """Rebuild a saved student after checking its weights against the card."""
+        card = self.load_card(version)
+        folder = self.path(version)
+        got = weights_digest(folder / WEIGHTS_FILE)
+        if got != card.weights_sha256:
+            raise StudentIntegrityError(
+                f"student {version}: weights sha256 {got[:16]}... differs from its card "
+                f"({card.weights_sha256[:16]}...)"
+            )
+        import student  # noqa: F401  (registers the built-in kinds with Student.load)
+
+        return Student.load(folder, **load_kwargs)
+
+    def versions(self) -> list[str]:
+        """Saved versions, oldest first."""
+        cards = [(self.load_card(p.parent.name).created_at, p.parent.name)
+                 for p in self.dir.glob(f"*/{CARD_FILE}") if not p.parent.name.startswith(".")]
+        return [v for _, v in sorted(cards)]
+
+    def current_version(self) -> str | None:
+        ptr = self.dir / POINTER_FILE
+        return json.loads(ptr.read_text())["student_version"] if ptr.exists() else None
+
+    def set_current(self, version: str) -> None:
+        self.load_card(version)  # must exist
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.dir / POINTER_FILE, json.dumps({"student_version": version}))
+
+    def resolve(self, spec: str | None) -> str:
+        """``None``/``current`` -> the current student; anything else must be a saved version."""
+        if spec in (None, "current"):
+            current = self.current_version()
+            if current is None:
+                raise FileNotFoundError(
+                    f"no current student under {self.dir}: run `codistill student distill` first"
+                )
+            return current
+        self.load_card(spec)
+        return spec
+
+
+def student_registry(home: str | Path) -> StudentRegistry:
+    return StudentRegistry(Path(home) / "students")
