@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from codistill.fsio import atomic_write_json, fsync_path
 from streaming.base import Record, StreamError, UnknownTopic
 from streaming.partitioner import partition_for
 
@@ -103,25 +104,6 @@ def _write_all(fd: int, data: bytes, pos: int) -> None:
     while view:
         n = os.pwrite(fd, view, pos)
         view, pos = view[n:], pos + n
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: Path, data: object) -> None:
-    """Replace ``path`` with JSON ``data`` so that a crash leaves the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 @dataclass
@@ -233,8 +215,8 @@ class EmbeddedStream:
             pass
         finally:
             tmp.unlink()
-        _fsync_dir(tdir)
-        _fsync_dir(self.path)
+        fsync_path(tdir)
+        fsync_path(self.path)
 
     def ensure_topics(self) -> None:
         self.create_topic(self.topic, self.default_partitions)
@@ -294,7 +276,7 @@ class EmbeddedStream:
             part.wfd = os.open(part.log, os.O_RDWR | os.O_CREAT, 0o644)
             part.ifd = os.open(part.idx, os.O_RDWR | os.O_CREAT, 0o644)
             if created:
-                _fsync_dir(part.log.parent)
+                fsync_path(part.log.parent)
         fcntl.flock(part.wfd, fcntl.LOCK_EX)
         try:
             offset, pos = self._recover(part)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from codistill.fsio import fsync_path
 from student.base import Student
 
 LATEST = "LATEST"
@@ -209,22 +210,6 @@ def optimizer_join(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> di
 
 
 # -- files ----------------------------------------------------------------------------------
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
 
@@ -316,19 +301,19 @@ class CheckpointManager:
             (tmp / DRIFT_FILE).write_bytes(drift)
         _write_json(tmp / STATE_FILE, state.to_json())  # written last: marks the dir complete
         for path in tmp.iterdir():
-            _fsync_file(path)
-        fsync_dir(tmp)
+            fsync_path(path)
+        fsync_path(tmp)
         if final.exists():  # an orphan of a crash between rename and the LATEST switch
             self._remove(final)
         os.rename(tmp, final)
-        fsync_dir(self.root)
+        fsync_path(self.root)
         if before_switch is not None:
             before_switch()
         pointer = self.root / f".tmp-{LATEST}-{os.getpid()}"
         pointer.write_text(final.name + "\n", encoding="utf-8")
-        _fsync_file(pointer)
+        fsync_path(pointer)
         os.replace(pointer, self.root / LATEST)
-        fsync_dir(self.root)
+        fsync_path(self.root)
         self.cleanup()
         return final
 

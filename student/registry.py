@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
+from codistill.fsio import atomic_write_text
 from student.base import WEIGHTS_FILE, Student
 
 CARD_FILE = "student.json"
@@ -74,15 +75,6 @@ def weights_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
 class StudentRegistry:
     """Student folders under ``students_dir`` (normally ``HOME/students``)."""
 
@@ -110,7 +102,7 @@ class StudentRegistry:
             card.student_version = card.compute_version()
             target = self.path(card.student_version)
             if target.exists():  # identical weights and recipe: keep the files, refresh the card
-                _atomic_write(target / CARD_FILE, card.model_dump_json(indent=2))
+                atomic_write_text(target / CARD_FILE, card.model_dump_json(indent=2))
             else:
                 (tmp / CARD_FILE).write_text(card.model_dump_json(indent=2))
                 tmp.rename(target)
@@ -122,7 +114,7 @@ class StudentRegistry:
     def update_card(self, card: StudentCard) -> None:
         """Rewrite the card of an existing student (e.g. new metrics); files stay as they are."""
         self.load_card(card.student_version)  # must exist
-        _atomic_write(self.path(card.student_version) / CARD_FILE, card.model_dump_json(indent=2))
+        atomic_write_text(self.path(card.student_version) / CARD_FILE, card.model_dump_json(indent=2))
 
     def load_card(self, version: str) -> StudentCard:
         path = self.path(version) / CARD_FILE
@@ -158,7 +150,7 @@ class StudentRegistry:
     def set_current(self, version: str) -> None:
         self.load_card(version)  # must exist
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.dir / POINTER_FILE, json.dumps({"student_version": version}))
+        atomic_write_text(self.dir / POINTER_FILE, json.dumps({"student_version": version}))
 
     def resolve(self, spec: str | None) -> str:
         """``None``/``current`` -> the current student; anything else must be a saved version."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from codistill.fsio import atomic_write_text
 from codistill.ids import text_hash
 from teacher import registry
 from teacher.cache import EmbeddingCache
@@ -74,7 +74,7 @@ class TeacherRegistry:
             card.teacher_version = card.compute_version()
         path = self.card_path(card.teacher_version)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, card.model_dump_json(indent=2))
+        atomic_write_text(path, card.model_dump_json(indent=2))
         return card
 
     def load(self, version: str) -> TeacherCard:
@@ -93,7 +93,7 @@ class TeacherRegistry:
 
     def set_current(self, version: str) -> None:
         self.load(version)  # must exist
-        _atomic_write(self.dir / "current.json", json.dumps({"teacher_version": version}))
+        atomic_write_text(self.dir / "current.json", json.dumps({"teacher_version": version}))
 
     def model_dir(self, card: TeacherCard) -> Path:
         if card.model_path.startswith(PRETRAINED_PREFIX):
@@ -121,15 +121,6 @@ class TeacherRegistry:
         if self.card_path(card.teacher_version).exists():
             return self.load(card.teacher_version)
         return self.save(card)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
 
 
 class Teacher:
