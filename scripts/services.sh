@@ -75,6 +75,14 @@ alive() {
     tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$(cmd_pattern "$1")"
 }
 
+# running PID: the process exists and is not a zombie (whatever it is executing yet).
+running() {
+    local state
+    [[ -n $1 && -r /proc/$1/stat ]] || return 1
+    state=$(sed -E 's/^.*\) ([A-Za-z]).*$/\1/' "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ $state != Z && $state != X ]]
+}
+
 port_open() { (: </dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
 
 http_ok() {
@@ -127,20 +135,26 @@ grace_of() { if [[ $1 == kafka ]]; then echo 30; else echo 10; fi; }
 
 # Failed start: show why, leave nothing running, exit non-zero.
 fail_start() {
-    local name=$1 why=$2
+    local name=$1 why=$2 pid
     log "$name failed to start: $why"
     log "last lines of $(log_file "$name"):"
     tail -n 40 "$(log_file "$name")" >&2 2>/dev/null || true
     kill_and_wait "$name" 5
+    pid=$(read_pid "$name") && running "$pid" && kill -KILL "$pid" 2>/dev/null  # not exec'd yet
+    wait "$pid" 2>/dev/null || true
     cleanup_state "$name"
     exit 1
 }
 
 # wait_ready NAME CHECK_FUNCTION
 wait_ready() {
-    local name=$1 check=$2 deadline=$((SECONDS + TIMEOUT))
+    local name=$1 check=$2 deadline=$((SECONDS + TIMEOUT)) pid
+    pid=$(read_pid "$name")
     while ((SECONDS < deadline)); do
-        alive "$name" || fail_start "$name" "process exited"
+        # Only existence here: right after launch the pid may still be bash/setsid,
+        # not yet exec'd into the service, so `alive` (which checks the command) is too
+        # strict on a busy machine and once failed a CI start.
+        running "$pid" || fail_start "$name" "process exited"
         if "$check"; then return 0; fi
         sleep 0.25
     done
