@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +24,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import redis
 
 from codistill.config import Settings, load_settings
 from stores import open_store
@@ -50,6 +47,7 @@ from tests.online_helpers import (
     tiny_corpus,
     wait_for,
 )
+from tests.redis_process import RedisProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -144,50 +142,9 @@ def test_exactly_once_on_kafka_and_redis_across_sigkills(
 
 
 # -- Redis outage ---------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Redis:
-    """A private redis-server with an fsync-always AOF: a SIGKILL + restart keeps the data."""
-
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port, self.workdir = port, workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server not found on PATH; run scripts/install_system.sh")
-        self.proc = subprocess.Popen(
-            [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        try:
-            assert wait_for(lambda: _pings(client) or self.proc.poll() is not None, 20)
-            assert self.proc.poll() is None, "redis-server exited"
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
 def test_redis_outage_mid_training_is_survived_without_skipping_a_batch(
         tmp_path: Path, kafka_bootstrap: str) -> None:
-    server = _Redis(_free_port(), tmp_path)
+    server = RedisProcess(free_port(), tmp_path, durable=True)
     server.start()
     try:
         settings = _settings(tmp_path, kafka_bootstrap, f"redis://127.0.0.1:{server.port}/0")

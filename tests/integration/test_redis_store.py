@@ -6,9 +6,7 @@ the server, and the outage test kills and restarts a private redis-server.
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -29,6 +27,7 @@ from stores import (
     VersionInfo,
     open_store,
 )
+from tests.redis_process import RedisProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -70,12 +69,6 @@ def namespace(redis_url: str) -> Iterator[str]:
     if keys:
         client.unlink(*keys)
     client.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- (a) consistency
@@ -221,7 +214,7 @@ def bad_address(request: pytest.FixtureRequest) -> Iterator[str]:
     """``host:port`` where no Redis answers: nothing listens / accepts but never
     replies / replies in another protocol."""
     if request.param == "refused":
-        yield f"127.0.0.1:{_free_port()}"
+        yield f"127.0.0.1:{free_port()}"
         return
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -259,51 +252,8 @@ def test_wrong_address_fails_fast(bad_address: str) -> None:
 
 
 # ---------------------------------------------------------------- (d) outage
-class _RedisServer:
-    """A private redis-server on a fixed port, which the test can kill and restart."""
-
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port, self.workdir = port, workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server not found on PATH; run scripts/install_system.sh")
-        cmd = [
-            exe,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.workdir),
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert self.proc.poll() is None, "redis-server exited"
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        client.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 def test_server_outage_and_recovery(tmp_path: Path) -> None:
-    server = _RedisServer(_free_port(), tmp_path)
+    server = RedisProcess(free_port(), tmp_path)
     server.start()
     try:
         store = RedisStore(f"redis://127.0.0.1:{server.port}/0", "outage")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -21,6 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+
+from tests.redis_process import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -136,12 +137,6 @@ def _targets_dir() -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _query(prometheus_url: str, promql: str) -> list[dict]:
     url = f"{prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
     with urllib.request.urlopen(url, timeout=5) as resp:
@@ -157,7 +152,7 @@ def test_prometheus_scrapes_file_sd_target(prometheus_url: str) -> None:
     metric = f"codistill_itest_value_{tag}"
     registry = CollectorRegistry()
     Gauge(metric, "integration-test gauge", registry=registry).set(42.5)
-    port = _free_port()
+    port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
 
     target_file = _targets_dir() / f"itest-{tag}.json"
