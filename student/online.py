@@ -66,6 +66,7 @@ from streaming.base import EventStream, Record
 from streaming.dlq import DeadLetterQueue, Rejection, validate
 from streaming.events import Event, Impression
 from streaming.join import JoinedImpression, Joiner
+from student.asym import StoreCandidates
 from student.base import Student
 from student.batching import CachingTokenizer, build_batch, needed_ids, top1_agreement
 from student.bow import BowConfig, BowStudent
@@ -123,7 +124,8 @@ class OnlineTrainerConfig(BaseModel):
     temperature: float = Field(4.0, gt=0, description="KD temperature")
     eta: float = Field(1.0, ge=0, description="position-bias exponent; 0 = naive clicks")
     max_ipw_weight: float = Field(10.0, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0, description="3e-3 trains a student from scratch; a warm start "
+                      "from a distilled student wants ~1e-4 (see student.online_demo)")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(5.0, gt=0)
     seed: int = 0
@@ -295,7 +297,8 @@ class OnlineTrainer:
                     f"{st.batch_size}; this run has {self.topic!r} / {cfg.batch_size}: batch "
                     "boundaries would move. Use another trainer name to start afresh."
                 )
-            self.student = Student.load(ckpt.path, expected_teacher_version=self.version)
+            self.student = Student.load(ckpt.path, expected_teacher_version=self.version,
+                                        candidate_source=self._candidate_source())
             self.optimizer = self._make_optimizer()
             self.optimizer.load_state_dict(ckpt.optimizer_state)
             restore_rng(st, ckpt.rng)
@@ -398,7 +401,13 @@ class OnlineTrainer:
     def _new_student(self) -> Student:
         cfg = self.cfg
         if cfg.init_student is not None:
-            student = Student.load(cfg.init_student)
+            student = Student.load(cfg.init_student, candidate_source=self._candidate_source())
+            if student.teacher_version != self.version and not student.has_candidate_tower:
+                raise TrainerError(
+                    f"warm start {cfg.init_student} scores against the candidate embeddings of "
+                    f"teacher {student.teacher_version}; this trainer distils from "
+                    f"{self.version}, whose vectors live in another space. Distil a new "
+                    "student from that version first.")
             if student.teacher_version != self.version:
                 log.warning("warm start %s was built on teacher %s; it now distils from %s",
                             cfg.init_student, student.teacher_version, self.version)
@@ -410,6 +419,11 @@ class OnlineTrainer:
         return BowStudent(tokenizer, self.version, BowConfig(dim=cfg.dim, out_dim=cfg.out_dim),
                           query_max_len=cfg.query_max_len,
                           candidate_max_len=cfg.candidate_max_len)
+
+    def _candidate_source(self) -> StoreCandidates:
+        """Teacher vectors of the pinned version for query-only students, read with retry."""
+        return StoreCandidates(self.store, self.version,
+                               call=lambda fn: self._retry("store", "candidate embeddings", fn))
 
     def _vocabulary_texts(self) -> list[str]:
         """Candidate texts of the pinned version (+ train-split queries when available)."""

@@ -99,11 +99,22 @@ class SubwordTokenizer:
     def is_fitted(self) -> bool:
         return bool(self._kept)
 
+    @property
+    def first_kept_id(self) -> int:
+        """Compact id of the most frequent kept subword (after padding and the OOV buckets)."""
+        return 1 + self.oov_buckets
+
+    def token_text(self, compact_id: int) -> str:
+        """The subword behind a kept compact id as plain text (``##ing`` -> ``ing``)."""
+        if not self.first_kept_id <= compact_id < self.vocab_size:
+            raise IndexError(f"compact id {compact_id} is padding, an OOV bucket or out of range")
+        return self._wp.id_to_token(self._kept[compact_id - self.first_kept_id]).removeprefix("##")
+
     def _build_lookup(self) -> np.ndarray:
         """WordPiece id -> compact id, as one array (a vectorized gather per batch)."""
         n = self._wp.get_vocab_size()
         lookup = 1 + np.arange(n, dtype=np.int64) % self.oov_buckets
-        first = 1 + self.oov_buckets
+        first = self.first_kept_id
         lookup[np.asarray(self._kept, dtype=np.int64)] = first + np.arange(len(self._kept))
         return lookup
 

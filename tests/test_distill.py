@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from codistill.config import Settings, load_settings
 from codistill.ranking import RankingExample
+from student.asym import MissingCandidateError, StoreCandidates
 from student.baselines import BM25Ranker, bm25_scores, evaluate_bm25
 from student.distill import (
     DistillConfig,
@@ -138,16 +139,21 @@ def test_labels_are_read_in_batches_and_checked(small: Settings) -> None:
         store.close()
 
 
-def test_batched_training_scores_equal_the_text_api(small: Settings) -> None:
-    """The pre-tokenised bag path must score exactly like ``Student.score`` on texts."""
+@pytest.mark.parametrize("kind", ["bow", "asym-bow"])
+def test_batched_training_scores_equal_the_text_api(small: Settings, kind: str) -> None:
+    """The pre-tokenised bag path must score exactly like ``Student.score`` on texts.
+
+    For ``asym-bow`` both paths score against the teacher's stored candidate vectors:
+    the bag path through ``attach_candidate_embeddings``, the text path through
+    ``StoreCandidates`` (text -> content id -> store).
+    """
     import torch
 
     train = wf.load_split(small, "train")[:40]
     store = wf.open_configured_store(small)
-    try:
-        records = read_labels(store, store.current(), train)
-    finally:
-        store.close()
+    version = store.current()
+    assert version is not None
+    records = read_labels(store, version, train)
     # one ragged list: 10 of its candidates, gold kept
     ex, rec = train[5], records[5]
     keep = sorted({ex.gold_index, *range(10)})[:10]
@@ -157,9 +163,12 @@ def test_batched_training_scores_equal_the_text_api(small: Settings) -> None:
         "labels": [ex.labels[i] for i in keep]})
     records[5] = rec.model_copy(update={"candidate_ids": train[5].candidate_ids,
                                         "scores": rec.scores[keep]})
-    cfg = DistillConfig()
-    student = build_student(train, "t", cfg).eval()
+    cfg = DistillConfig(student=kind, init="random")  # the static start: its own test
+    student = build_student(train, version, cfg, candidate_source=StoreCandidates(store, version)
+                            ).eval()
+    assert student.kind == kind
     data = TrainSet(train, records, student.tokenizer, cfg)
+    data.attach_candidate_embeddings(store, version)
     batch = torch.tensor([3, 0, 5, 17, 39])
     with torch.no_grad():
         fast = data.forward(student, batch)
@@ -179,6 +188,7 @@ def test_batched_training_scores_equal_the_text_api(small: Settings) -> None:
         assert labels[row, gold] == 1.0
     np.testing.assert_allclose(data.teacher_logits[0].numpy(),
                                records[0].logit_scale * records[0].scores, rtol=1e-6)
+    store.close()
 
 
 # -- learning -------------------------------------------------------------------------------------
@@ -190,22 +200,20 @@ def _pooled(res: dict, key: str) -> float:
 @pytest.mark.slow
 def test_distillation_transfers_to_held_out_queries(distilled: dict) -> None:
     res = distilled["results"]
-    # Measured on small (data_hash f001f9f5, 60 epochs, ~13 s), valid / test:
-    #   MRR@10   student seeds 0/1/2: 0.407/0.456, 0.375/0.419, 0.427/0.379
-    #            untrained (same net, lexical init): 0.362/0.340, 0.218/0.345, 0.357/0.319
-    #            BM25 0.514/0.525, teacher (MiniLM zero-shot) 0.607/0.748
-    #   KL(teacher || student) on held-out lists, untrained -> student, seed 0:
-    #            2.33 -> 2.16 / 2.25 -> 1.56 (seeds 1, 2 pooled: -18%, -20%)
-    # Pooled MRR@10 gain over the untrained net: +0.080, +0.116, +0.065.
-    # The student does NOT beat BM25 at this size, nor reliably at demo size (MRR@10
-    # valid 0.503 vs 0.464, test 0.469 vs 0.522), so this pins what distillation buys.
+    print({k: {sp: round(res[k][sp]["mrr@10"], 4) for sp in ("valid", "test")} for k in res},
+          {sp: round(res["student"][sp]["teacher_kl"], 3) for sp in ("valid", "test")},
+          {sp: round(res["untrained"][sp]["teacher_kl"], 3) for sp in ("valid", "test")})
+    # The default student (asym-bow, static start) on small (200 train queries, zero-shot
+    # MiniLM teacher, 60 epochs, ~12 s), MRR@10 valid / test: static start 0.362 / 0.429
+    # -> student 0.501 / 0.578; BM25 0.514 / 0.525, teacher 0.607 / 0.748. Beating BM25
+    # needs more train queries: see test_student_beats_bm25_on_held_out_demo_queries.
     gain = _pooled(res["student"], "mrr@10") - _pooled(res["untrained"], "mrr@10")
-    assert gain > 0.03, (gain, res["student"], res["untrained"])
-    assert _pooled(res["student"], "ndcg@10") > _pooled(res["untrained"], "ndcg@10") + 0.02
+    assert gain > 0.06, (gain, res["student"], res["untrained"])
+    assert _pooled(res["student"], "ndcg@10") > _pooled(res["untrained"], "ndcg@10") + 0.04
     kl_before = _pooled(res["untrained"], "teacher_kl")
     kl_after = _pooled(res["student"], "teacher_kl")
-    assert kl_after < 0.92 * kl_before, (kl_before, kl_after)
-    assert min(distilled["share_of_teacher_mrr@10"].values()) > 0.4
+    assert kl_after < 0.8 * kl_before, (kl_before, kl_after)
+    assert min(distilled["share_of_teacher_mrr@10"].values()) > 0.6
     assert _pooled(res["bm25"], "mrr@10") > 0.3  # the baseline ran and is sane
 
     hist = distilled["train"]["history"]  # training losses on the train split
@@ -213,6 +221,41 @@ def test_distillation_transfers_to_held_out_queries(distilled: dict) -> None:
     assert hist[-1]["kd"] < 0.5 * hist[0]["kd"], [h["kd"] for h in hist]
     assert hist[-1]["ce"] < hist[0]["ce"] and hist[-1]["embed"] < hist[0]["embed"]
     json.dumps(distilled)  # the summary is JSON-ready
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """The demo data set (2,000 / 400 / 400 queries) with zero-shot MiniLM labels.
+
+    The teacher reads 64 subwords instead of 128 to halve precompute in CI (~2 min
+    instead of ~4 on 2 cores); that is a zero-shot teacher of its own version.
+    """
+    s = load_settings(home=tmp_path_factory.mktemp("distill-demo"), data={"size": "demo"},
+                      teacher={"max_seq_length": 64})
+    build_dataset(s.data, s.data_dir, s.download_dir, progress=False)
+    version = wf.ensure_current(s)
+    wf.precompute_version(s, version, {sp: wf.load_split(s, sp) for sp in wf.SPLITS}, False)
+    return s
+
+
+@pytest.mark.slow
+def test_student_beats_bm25_on_held_out_demo_queries(demo: Settings) -> None:
+    """The issue's bar: distilled on the demo train split, better than BM25 on valid and test.
+
+    Measured (zero-shot teacher at 128 subwords, 10 epochs): asym-bow with the static
+    start 0.669 / 0.649 MRR@10 valid / test, BM25 0.467 / 0.522, teacher 0.726 / 0.712
+    (92% / 91% kept); the symmetric bow 0.548 / 0.478 does not beat BM25 on test.
+    """
+    summary = distill(demo, DistillConfig(time_budget_s=1e9, measure_speed=False),
+                      progress=False, set_current=False)
+    res = summary["results"]
+    print({k: {sp: round(res[k][sp]["mrr@10"], 4) for sp in ("valid", "test")} for k in res})
+    assert summary["data"]["train_queries"] == 2000 and summary["train"]["epochs_run"] == 10
+    for sp in ("valid", "test"):
+        assert res["student"][sp]["mrr@10"] > res["bm25"][sp]["mrr@10"] + 0.05, (sp, res)
+        assert res["student"][sp]["ndcg@10"] > res["bm25"][sp]["ndcg@10"] + 0.04, (sp, res)
+        assert summary["share_of_teacher_mrr@10"][sp] > 0.8, summary["share_of_teacher_mrr@10"]
+    assert summary["size"]["megabytes"] < 12
 
 
 def test_distill_saves_pins_and_reports(small: Settings, distilled: dict) -> None:
@@ -234,18 +277,28 @@ def test_distill_saves_pins_and_reports(small: Settings, distilled: dict) -> Non
 
 
 def test_registry_round_trip_gives_identical_scores(small: Settings, distilled: dict,
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path,
+                                                    request: pytest.FixtureRequest) -> None:
     reg = student_registry(small.home)
     version = distilled["student_version"]
-    student = reg.load(version, expected_teacher_version=distilled["teacher_version"])
+    teacher = distilled["teacher_version"]
+    store = wf.open_configured_store(small)
+    request.addfinalizer(store.close)
+    source = StoreCandidates(store, teacher)  # asym-bow scores against the stored vectors
+    student = reg.load(version, expected_teacher_version=teacher, candidate_source=source)
+    assert student.kind == "asym-bow" and not student.has_candidate_tower
     test = wf.load_split(small, "test")
     m = evaluate_student(student, test)
     saved = {k: v for k, v in distilled["results"]["student"]["test"].items() if k in m}
     assert m == saved  # bit-identical metrics after reload
-    again = reg.load(version)
+    again = reg.load(version, candidate_source=source)
     for ex in test[:5]:
         assert np.array_equal(student.score(ex.query, ex.candidates),
                               again.score(ex.query, ex.candidates))
+    with pytest.raises(ValueError, match="candidate_source"):
+        reg.load(version)  # no silent fallback to some other candidate space
+    with pytest.raises(MissingCandidateError, match="precompute"):
+        student.score(test[0].query, ["def never_precomputed():\n    return 42"])
 
     # saving the same weights and recipe again gives the same version
     other = student_registry(tmp_path)

@@ -27,7 +27,7 @@ from stores import open_store
 from stores.base import SoftLabelRecord
 from streaming import Feedback, Impression, open_stream
 from streaming.dlq import decode_dead_letter
-from streaming.generator import VALID
+from streaming.generator import VALID, QuerySpec, generate_stream
 from streaming.join import JoinedImpression
 from student.base import Student
 from student.batching import build_batch
@@ -463,10 +463,10 @@ def _real_settings(home: Path, topic: str = "codistill.events") -> Settings:
                          stream={"topic": topic, "dlq_topic": f"{topic}.dlq"})
 
 
-def _mrr(student_dir: str | Path, examples: list) -> float:
+def _mrr(student_dir: str | Path, examples: list, source: object = None) -> float:
     from codistill.metrics import mrr_at_k
 
-    student = Student.load(student_dir)
+    student = Student.load(student_dir, candidate_source=source)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small ops: one thread is fastest (see OnlineTrainerConfig.threads)
     try:
@@ -479,7 +479,6 @@ def _mrr(student_dir: str | Path, examples: list) -> float:
 @pytest.mark.slow
 def test_kd_only_online_training_reaches_a_share_of_the_teacher(real_home: Path) -> None:
     from codistill.metrics import mrr_at_k
-    from streaming.generator import QuerySpec, generate_stream
     from tasks.build import load_split
 
     s = _real_settings(real_home, "kd")
@@ -553,3 +552,53 @@ def test_ipw_feedback_recovers_the_true_order_better_than_naive_clicks(real_home
     print(f"feedback only: naive {naive:.4f} IPW {ipw:.4f} per seed {scores}")
     assert ipw >= naive + IPW_MIN_GAIN, scores
     assert sum(i > n for i, n in zip(scores[1.0], scores[0.0], strict=True)) >= 2, scores
+
+
+@pytest.mark.slow
+def test_query_only_student_learns_online_against_the_stored_candidate_vectors(
+    real_home: Path, tmp_path: Path
+) -> None:
+    """asym-bow warm start: the trainer scores batches against the teacher's stored vectors.
+
+    The warm start is an *untrained* query tower (random table, MRR@10 ~0.1): KD-only
+    online training must lift it well above that, with every candidate vector read
+    through the trainer's store (retrying) source. A warm start built on another
+    teacher version is refused: its query space would not match the stored vectors.
+    """
+    from student.asym import StoreCandidates
+    from student.distill import DistillConfig, build_student
+    from tasks.build import load_split
+
+    s = _real_settings(real_home, "asym")
+    train, test = load_split(s.data_dir, "train"), load_split(s.data_dir, "test")
+    with open_store(s.resolved_store()) as store:
+        version = store.current()
+        assert version is not None
+        cfg = DistillConfig(init="random", seed=0)
+        build_student(train, version, cfg, candidate_source=StoreCandidates(store, version)
+                      ).save(tmp_path / "warm")
+        before = _mrr(tmp_path / "warm", test, StoreCandidates(store, version))
+        specs = [QuerySpec(e.query_id, e.query, e.candidate_ids, [float(x) for x in e.labels])
+                 for e in train]
+        with open_stream(s.resolved_stream()) as stream:
+            stream.ensure_topics()
+            for m in generate_stream(specs, 1000, seed=1).messages:
+                stream.send(s.stream.topic, m.key, m.value)
+            stream.flush()
+        run = OnlineTrainerConfig(name="asym", alpha=1.0, temperature=2.0, lr=0.003,
+                                  batch_size=32, checkpoint_every=50, until_end=True,
+                                  init_student=tmp_path / "warm")
+        with OnlineTrainer(s, run) as trainer:
+            summary = trainer.run()
+        after = _mrr(summary["student_dir"], test, StoreCandidates(store, version))
+    print(f"asym-bow online KD: test MRR@10 {before:.4f} -> {after:.4f}")
+    assert summary["counters"]["label_hits"] > 0 and summary["batches"] > 10
+    assert Student.load(summary["student_dir"], candidate_source=object()).kind == "asym-bow"
+    assert after > before + 0.15, (before, after)
+
+    foreign = Student.load(tmp_path / "warm", candidate_source=object())
+    foreign.teacher_version = "minilm-other-0000000000"
+    foreign.save(tmp_path / "foreign")
+    refused = run.model_copy(update={"name": "asym-foreign", "init_student": tmp_path / "foreign"})
+    with OnlineTrainer(s, refused) as trainer, pytest.raises(TrainerError, match="another space"):
+        trainer.run()

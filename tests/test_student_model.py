@@ -301,3 +301,33 @@ def test_bow_student_learns_to_rank_real_code() -> None:
           f"random {random_mrr:.3f}")  # fmt: skip
     assert epoch_loss[-1] < 0.1 * epoch_loss[0]  # measured 1.89 -> 0.04
     assert mrr > random_mrr + MRR_MARGIN
+
+
+# -- static start from the teacher's subword embeddings ---------------------------------------
+def test_static_init_makes_the_untrained_student_the_static_model(
+    tokenizer: SubwordTokenizer,
+) -> None:
+    """Row i of the table is encode(subword i); the untrained tower is their weighted mean."""
+    from student.static_init import init_from_table, static_table, subword_strings
+
+    words = subword_strings(tokenizer)
+    assert len(words) == tokenizer.vocab_size - tokenizer.first_kept_id
+    assert not any(w.startswith("##") for w in words) and "numbers" in words
+    seen: list[str] = []
+
+    def encode(texts: Sequence[str]) -> np.ndarray:  # any deterministic text -> vector map
+        seen.extend(texts)
+        return np.stack([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=8)
+                         for t in texts]).astype(np.float32)
+
+    table = static_table(tokenizer, encode)
+    assert seen == words and table.shape == (tokenizer.vocab_size, 8)
+    assert not table[: tokenizer.first_kept_id].any()  # padding and OOV buckets start at 0
+    model = BowStudent(tokenizer, "teacher-v1", BowConfig(dim=8, out_dim=8))
+    init_from_table(model, table)
+    ids, mask = tokenizer.encode_batch(["add numbers"], 16)
+    expect = table[ids[0][mask[0] == 1].numpy()].mean(0)  # token weights all start at 1
+    got = model.encode_queries(["add numbers"])[0].detach().numpy()
+    np.testing.assert_allclose(got, expect / np.linalg.norm(expect), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="dim == out_dim"):
+        init_from_table(BowStudent(tokenizer, "teacher-v1", BowConfig(dim=8, out_dim=4)), table)
