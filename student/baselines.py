@@ -16,14 +16,13 @@ it has learned nothing beyond word overlap.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import numpy as np
 
 from codistill import metrics
 from codistill.ranking import RankingExample
-from tasks.negatives import subword_tokens
+from tasks.negatives import quiet_bm25s, subword_tokens
 
 
 class BM25Ranker:
@@ -35,13 +34,8 @@ class BM25Ranker:
         self.texts = list(dict.fromkeys(texts))  # unique, first-seen order
         self.position = {t: i for i, t in enumerate(self.texts)}
         self.retriever = bm25s.BM25(k1=k1, b=b)
-        quiet = logging.getLogger("bm25s")  # it logs every index build at DEBUG/INFO
-        level = quiet.level
-        quiet.setLevel(logging.WARNING)
-        try:
+        with quiet_bm25s():
             self.retriever.index([subword_tokens(t) for t in self.texts], show_progress=False)
-        finally:
-            quiet.setLevel(level)
 
     def scores(self, query: str, candidates: Sequence[str]) -> np.ndarray:
         """BM25 score of each candidate (float32); all zeros if the query has no sub-word.

@@ -10,9 +10,11 @@ a query's list does not change when other queries are added or capped away.
 
 from __future__ import annotations
 
+import logging
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import bm25s
 import numpy as np
@@ -30,6 +32,18 @@ _SUBWORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+[0-9]*|[A-Z]+[0-9]*|[0-
 _STOP = frozenset(STOPWORDS_EN)
 _QUERY_BATCH = 256  # (batch x pool) float64 scores: 256 x 30k = 60 MB at most
 
+
+
+@contextmanager
+def quiet_bm25s() -> Iterator[None]:
+    """Silence bm25s's per-index DEBUG/INFO log lines (noise in every build and evaluation)."""
+    logger = logging.getLogger("bm25s")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 def subword_tokens(text: str) -> list[str]:
     """Identifier sub-words, lowercased: ``parseHTTPHeader_v2`` -> parse, http, header, v2.
@@ -67,7 +81,8 @@ def bm25_hard_negatives(
     vocab = {t: i for i, t in enumerate(sorted({t for toks in doc_tokens for t in toks}))}
     retriever = bm25s.BM25()
     corpus_ids = [[vocab[t] for t in toks] for toks in doc_tokens]
-    retriever.index((corpus_ids, dict(vocab)), show_progress=progress)  # bm25s adds "" to it
+    with quiet_bm25s():
+        retriever.index((corpus_ids, dict(vocab)), show_progress=progress)  # adds "" to vocab
     weights = _weight_matrix(retriever.scores)
     query_matrix = _query_matrix([subword_tokens(q.summary) for q in queries], vocab)
     gold = {p.cid: i for i, p in enumerate(pool)}

@@ -339,3 +339,27 @@ def test_cli_evaluate_and_list(small: Settings, distilled: dict, tmp_path: Path)
     result = runner.invoke(app, ["--home", str(tmp_path / "empty"), "student", "evaluate",
                                  "--data", str(data)])
     assert result.exit_code == 1 and "no current student" in result.output
+
+
+@pytest.mark.slow
+def test_student_benchmark_quick_writes_its_table(small: Settings, tmp_path: Path) -> None:
+    """benchmarks/student.py --quick on the precomputed small home: JSON + chart, sane numbers."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "student.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/student.py", "--quick", "--home", str(small.home),
+         "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"bow, random start", "asym-bow, static start"}
+    assert out.with_suffix(".png").stat().st_size > 1000
+    for r in result["variants"].values():
+        assert r["epochs_run"] == 20 and 0 < r["megabytes"] < 20
+        for sp in ("valid", "test"):
+            assert 0 < r[sp]["mrr@10"] <= 1 and r["share_of_teacher_mrr@10"][sp] > 0
+    asym, bow = result["variants"]["asym-bow, static start"], result["variants"]["bow, random start"]
+    assert _pooled(asym, "mrr@10") > _pooled(bow, "mrr@10")  # the static start pays (0.52 vs 0.4)
+    assert result["variants"]["asym-bow, static start"]["speed"]["student"]["queries_per_s"] > 0
