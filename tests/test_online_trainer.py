@@ -463,6 +463,17 @@ def _real_settings(home: Path, topic: str = "codistill.events") -> Settings:
                          stream={"topic": topic, "dlq_topic": f"{topic}.dlq"})
 
 
+def _produce_seeded_stream(s: Settings, examples: list, n_requests: int, seed: int) -> None:
+    """Impressions + clicks of the seeded generator over ``examples`` into the settings' topic."""
+    specs = [QuerySpec(e.query_id, e.query, e.candidate_ids, [float(x) for x in e.labels])
+             for e in examples]
+    with open_stream(s.resolved_stream()) as stream:
+        stream.ensure_topics()
+        for m in generate_stream(specs, n_requests, seed=seed).messages:
+            stream.send(s.stream.topic, m.key, m.value)
+        stream.flush()
+
+
 def _mrr(student_dir: str | Path, examples: list, source: object = None) -> float:
     from codistill.metrics import mrr_at_k
 
@@ -483,13 +494,7 @@ def test_kd_only_online_training_reaches_a_share_of_the_teacher(real_home: Path)
 
     s = _real_settings(real_home, "kd")
     train, test = load_split(s.data_dir, "train"), load_split(s.data_dir, "test")
-    specs = [QuerySpec(e.query_id, e.query, e.candidate_ids, [float(x) for x in e.labels])
-             for e in train]
-    with open_stream(s.resolved_stream()) as stream:
-        stream.ensure_topics()
-        for m in generate_stream(specs, 1500, seed=0).messages:
-            stream.send(s.stream.topic, m.key, m.value)
-        stream.flush()
+    _produce_seeded_stream(s, train, 1500, seed=0)
     cfg = {"alpha": 1.0, "temperature": 2.0, "lr": 0.003, "batch_size": 32,
            "checkpoint_every": 50, "until_end": True}
     with OnlineTrainer(s, OnlineTrainerConfig(name="kd", **cfg)) as trainer:
@@ -578,13 +583,7 @@ def test_query_only_student_learns_online_against_the_stored_candidate_vectors(
         build_student(train, version, cfg, candidate_source=StoreCandidates(store, version)
                       ).save(tmp_path / "warm")
         before = _mrr(tmp_path / "warm", test, StoreCandidates(store, version))
-        specs = [QuerySpec(e.query_id, e.query, e.candidate_ids, [float(x) for x in e.labels])
-                 for e in train]
-        with open_stream(s.resolved_stream()) as stream:
-            stream.ensure_topics()
-            for m in generate_stream(specs, 1000, seed=1).messages:
-                stream.send(s.stream.topic, m.key, m.value)
-            stream.flush()
+        _produce_seeded_stream(s, train, 1000, seed=1)
         run = OnlineTrainerConfig(name="asym", alpha=1.0, temperature=2.0, lr=0.003,
                                   batch_size=32, checkpoint_every=50, until_end=True,
                                   init_student=tmp_path / "warm")
