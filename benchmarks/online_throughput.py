@@ -95,6 +95,38 @@ def fill_store(settings: Settings, specs: list[QuerySpec], texts: dict[str, str]
         store.close()
 
 
+def asym_student(settings: Settings, specs: list[QuerySpec], texts: dict[str, str],
+                 path: Path) -> Path:
+    """An untrained ``asym-bow`` student (random table) on the synthetic version, saved."""
+    from codistill.ranking import RankingExample
+    from student.asym import StoreCandidates
+    from student.distill import DistillConfig, build_student
+
+    examples = [RankingExample(query=q.query, query_id=q.query_id,
+                               candidates=[texts[c] for c in q.candidate_ids],
+                               candidate_ids=list(q.candidate_ids), labels=list(q.relevance))
+                for q in specs]
+    with open_store(settings.resolved_store()) as store:
+        student = build_student(examples, VERSION, DistillConfig(init="random", dim=128),
+                                teacher_dim=DIM, candidate_source=StoreCandidates(store, VERSION))
+    student.save(path)
+    return path
+
+
+def trainer_row(summary: dict[str, Any], checkpoint_every: int) -> dict[str, Any]:
+    return {
+        "events": summary["events_this_run"],
+        "batches": summary["batches"],
+        "optimizer_steps": summary["optimizer_steps"],
+        "checkpoints": summary["batches"] // checkpoint_every + 1,
+        "loop_seconds": summary["loop_seconds"],
+        "startup_seconds": round(summary["seconds"] - summary["loop_seconds"], 3),
+        "events_per_s": summary["events_per_s"],
+        "phase_seconds": summary["phase_seconds"],
+        "label_hits": summary["counters"].get("label_hits", 0),
+    }
+
+
 def produce(settings: Settings, specs: list[QuerySpec], n_requests: int) -> dict[str, Any]:
     generated = generate_stream(specs, n_requests, seed=0, max_shown=10)
     with open_stream(settings.resolved_stream()) as stream:
@@ -188,19 +220,15 @@ def main() -> None:
                                   checkpoint_every=args.checkpoint_every, until_end=True)
         with OnlineTrainer(settings, cfg) as trainer:
             summary = trainer.run()
+        # the default student kind: query tower only, candidate vectors read from Redis
+        warm = asym_student(settings, specs, texts, Path(home) / "asym")
+        with OnlineTrainer(settings, cfg.model_copy(update={"name": "bench-asym",
+                                                            "init_student": warm})) as trainer:
+            asym_summary = trainer.run()
         _cleanup_redis(redis_url, ns)
 
-    trainer_result = {
-        "events": summary["events_this_run"],
-        "batches": summary["batches"],
-        "optimizer_steps": summary["optimizer_steps"],
-        "checkpoints": summary["batches"] // args.checkpoint_every + 1,
-        "loop_seconds": summary["loop_seconds"],
-        "startup_seconds": round(summary["seconds"] - summary["loop_seconds"], 3),
-        "events_per_s": summary["events_per_s"],
-        "phase_seconds": summary["phase_seconds"],
-        "label_hits": summary["counters"].get("label_hits", 0),
-    }
+    trainer_result = trainer_row(summary, args.checkpoint_every)
+    asym_result = trainer_row(asym_summary, args.checkpoint_every)
     payload = {
         "machine": machine(),
         "config": {"requests": n_requests, "queries": n_queries, "candidates_per_query": 20,
@@ -212,6 +240,8 @@ def main() -> None:
         "kafka_raw_consume": kafka_rate,
         "redis_raw": redis_rate,
         "trainer": trainer_result,
+        "trainer_asym_bow": {**asym_result, "student": "asym-bow, dim 128 -> 384, candidate "
+                             "vectors from Redis"},
     }
     path = write_result(name, payload, args.out or RESULTS / f"{name}.json")
 
@@ -222,7 +252,9 @@ def main() -> None:
     table.add_row("kafka-python raw consume", f"{kafka_rate['records_per_s']:,.0f} records/s")
     table.add_row("redis-py raw MGET (64 keys/call)", f"{redis_rate['mget_keys_per_s']:,.0f} keys/s")
     table.add_row("store.get_labels (MGET + decode)", f"{redis_rate['get_labels_per_s']:,.0f} labels/s")
-    table.add_row("trainer end to end", f"{trainer_result['events_per_s']:,.0f} events/s")
+    table.add_row("trainer end to end (bow)", f"{trainer_result['events_per_s']:,.0f} events/s")
+    table.add_row("trainer end to end (asym-bow)",
+                  f"{asym_result['events_per_s']:,.0f} events/s")
     for phase, seconds in summary["phase_seconds"].items():
         share = seconds / max(summary["loop_seconds"], 1e-9)
         table.add_row(f"  trainer: {phase}", f"{seconds:.2f} s ({share:.0%})")

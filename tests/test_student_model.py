@@ -331,3 +331,35 @@ def test_static_init_makes_the_untrained_student_the_static_model(
     np.testing.assert_allclose(got, expect / np.linalg.norm(expect), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="dim == out_dim"):
         init_from_table(BowStudent(tokenizer, "teacher-v1", BowConfig(dim=8, out_dim=4)), table)
+
+
+def test_asym_bow_exports_one_query_graph_and_reloads_with_its_source(
+    tokenizer: SubwordTokenizer, tmp_path: Path
+) -> None:
+    """asym-bow: ONNX query graph == torch; scores use the source; no candidate tower at all."""
+    from student import AsymmetricBowStudent
+
+    torch.manual_seed(0)
+    codes = CORPUS[1::2]
+    source = _LookupSource({c: nn.functional.normalize(torch.randn(8), dim=0) for c in codes})
+    model = AsymmetricBowStudent(tokenizer, "teacher-v1", BowConfig(dim=8, out_dim=8),
+                                 candidate_source=source).eval()
+    paths = model.onnx_export(tmp_path / "onnx")
+    assert set(paths) == {"query", "meta"}
+    ids, mask = tokenizer.encode_batch(CORPUS[::2] + [""], 32)
+    with torch.no_grad():
+        want = model.embed_queries(ids, mask).numpy()
+    np.testing.assert_allclose(_run_onnx(paths["query"], ids, mask), want, atol=1e-5)
+    q = model.encode_queries(["sum of numbers"]).detach()
+    expect = (model.scale * q @ torch.stack([source.table[c] for c in codes]).T)[0]
+    np.testing.assert_allclose(model.score("sum of numbers", codes), expect.detach().numpy(),
+                               atol=1e-5)
+    model.save(tmp_path / "model")
+    again = Student.load(tmp_path / "model", candidate_source=source)
+    assert isinstance(again, AsymmetricBowStudent)
+    assert np.array_equal(again.score("sum of numbers", codes), model.score("sum of numbers", codes))
+    with pytest.raises(NotImplementedError, match="stored candidate"):
+        model.embed_candidates(ids, mask)
+    with pytest.raises(ValueError, match="one tower"):
+        AsymmetricBowStudent(tokenizer, "t", BowConfig(share_embedding=False),
+                             candidate_source=source)

@@ -203,5 +203,8 @@ def test_online_throughput_benchmark_quick(tmp_path: Path, kafka_bootstrap: str,
     assert produced > 1000
     assert data["kafka_raw_consume"]["records"] == produced == data["trainer"]["events"]
     assert data["trainer"]["events_per_s"] > 0 and data["trainer"]["optimizer_steps"] > 0
+    asym = data["trainer_asym_bow"]  # the query-only student, candidate vectors from Redis
+    assert asym["events"] == produced and asym["optimizer_steps"] > 0
+    assert asym["label_hits"] == data["trainer"]["label_hits"] > 0
     assert data["redis_raw"]["mget_keys_per_s"] > data["redis_raw"]["get_labels_per_s"] > 0
     assert data["machine"]["cores"] and "step" in data["trainer"]["phase_seconds"]
