@@ -184,6 +184,14 @@ class _LookupSource:
         return torch.stack([self.table[t] for t in texts])
 
 
+def _code_source(dim: int) -> tuple[list[str], _LookupSource]:
+    """The corpus's code texts and random unit 'teacher' vectors for them (seeded)."""
+    torch.manual_seed(0)
+    codes = CORPUS[1::2]
+    return codes, _LookupSource({c: nn.functional.normalize(torch.randn(dim), dim=0)
+                                 for c in codes})
+
+
 @register_student
 class _QueryOnlyStudent(Student):
     kind = "test-query-only"
@@ -218,9 +226,7 @@ class _QueryOnlyStudent(Student):
 def test_query_only_student_scores_against_a_candidate_source(
     tokenizer: SubwordTokenizer, tmp_path: Path
 ) -> None:
-    torch.manual_seed(0)
-    codes = CORPUS[1::2]
-    source = _LookupSource({c: nn.functional.normalize(torch.randn(6), dim=0) for c in codes})
+    codes, source = _code_source(6)
     model = _QueryOnlyStudent(tokenizer, "teacher-v1", candidate_source=source)
     out = model.forward_scores(["sum of numbers"], [codes])
     np.testing.assert_allclose(
@@ -339,9 +345,7 @@ def test_asym_bow_exports_one_query_graph_and_reloads_with_its_source(
     """asym-bow: ONNX query graph == torch; scores use the source; no candidate tower at all."""
     from student import AsymmetricBowStudent
 
-    torch.manual_seed(0)
-    codes = CORPUS[1::2]
-    source = _LookupSource({c: nn.functional.normalize(torch.randn(8), dim=0) for c in codes})
+    codes, source = _code_source(8)
     model = AsymmetricBowStudent(tokenizer, "teacher-v1", BowConfig(dim=8, out_dim=8),
                                  candidate_source=source).eval()
     paths = model.onnx_export(tmp_path / "onnx")
