@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -260,26 +260,23 @@ def store_info() -> None:
 @store_app.command("pin")
 def store_pin(version: str, consumer: str) -> None:
     """Pin a version for a consumer (it will never be deleted or expired)."""
-    from teacher.workflow import open_configured_store
-
-    store = open_configured_store(settings())
-    try:
-        store.pin(version, consumer)
-    finally:
-        store.close()
+    _change_pin("pin", version, consumer)
     out.print(f"pinned {version} for {consumer}")
 
 
 @store_app.command("unpin")
 def store_unpin(version: str, consumer: str) -> None:
+    """Release a consumer's pin (the version may expire once no pin and not current)."""
+    _change_pin("unpin", version, consumer)
+    out.print(f"unpinned {version} for {consumer}")
+
+
+def _change_pin(action: Literal["pin", "unpin"], version: str, consumer: str) -> None:
+    """``store.pin`` or ``store.unpin`` on the configured store, closed afterwards."""
     from teacher.workflow import open_configured_store
 
-    store = open_configured_store(settings())
-    try:
-        store.unpin(version, consumer)
-    finally:
-        store.close()
-    out.print(f"unpinned {version} for {consumer}")
+    with open_configured_store(settings()) as store:
+        getattr(store, action)(version, consumer)
 
 
 # ---------------------------------------------------------------- demo

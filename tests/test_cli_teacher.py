@@ -43,3 +43,20 @@ def test_malformed_file_names_line_and_field_and_writes_nothing(tmp_path: Path) 
     assert res.exit_code == 1
     assert "bad.jsonl:4: field 'labels'" in res.output
     assert not (home / "store").exists()
+
+
+def test_store_pin_and_unpin_commands(tmp_path: Path) -> None:
+    from stores.base import VersionInfo
+    from stores.embedded import EmbeddedStore
+
+    with EmbeddedStore(tmp_path / "h" / "store") as store:
+        store.begin_version(VersionInfo(teacher_version="v1", model="m", logit_scale=20.0, dim=4))
+    home = ["--home", str(tmp_path / "h"), "store"]
+    res = runner.invoke(app, [*home, "pin", "v1", "me"])
+    assert res.exit_code == 0 and "pinned v1 for me" in res.output, res.output
+    with EmbeddedStore(tmp_path / "h" / "store") as store:
+        assert store.pins("v1") == {"me"}
+    res = runner.invoke(app, [*home, "unpin", "v1", "me"])
+    assert res.exit_code == 0 and "unpinned v1 for me" in res.output, res.output
+    with EmbeddedStore(tmp_path / "h" / "store") as store:
+        assert store.pins("v1") == set()
