@@ -33,6 +33,7 @@ from rich.table import Table  # noqa: E402
 from benchmarks.common import machine, write_result  # noqa: E402
 from codistill.config import load_settings  # noqa: E402
 from student.distill import EVAL_SPLITS, DistillConfig, distill  # noqa: E402
+from tasks import dataset as ds  # noqa: E402
 from tasks.build import build_dataset  # noqa: E402
 from teacher import workflow as wf  # noqa: E402
 
@@ -108,7 +109,7 @@ def main() -> None:
     settings = load_settings(home=args.home, data={"size": size})
     manifest = build_dataset(settings.data, settings.data_dir, settings.download_dir, progress=True)
     version = wf.ensure_current(settings)
-    splits = {sp: wf.load_split(settings, sp) for sp in wf.SPLITS}
+    splits = {sp: ds.read_split(settings, sp) for sp in ds.SPLITS}
     wf.precompute_version(settings, version, splits, progress=True)
 
     result: dict[str, Any] = {"machine": machine(), "size": size, "quick": args.quick,

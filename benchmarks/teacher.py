@@ -30,6 +30,7 @@ from rich.table import Table  # noqa: E402
 from benchmarks.common import machine, service, write_result  # noqa: E402
 from codistill.config import Settings, load_settings  # noqa: E402
 from stores import open_store  # noqa: E402
+from tasks import dataset as ds  # noqa: E402
 from tasks.build import build_dataset  # noqa: E402
 from teacher import workflow as wf  # noqa: E402
 from teacher.model import Teacher  # noqa: E402
@@ -107,11 +108,11 @@ def main() -> None:
 
     manifest = build_dataset(settings.data, settings.data_dir, settings.download_dir, progress=True)
     result["data"] = manifest
-    splits = {sp: wf.load_split(settings, sp) for sp in wf.SPLITS}
+    splits = {sp: ds.read_split(settings, sp) for sp in ds.SPLITS}
 
     def quality(version: str) -> dict:
         teacher = wf.open_teacher(settings, version, progress=True)
-        return {sp: wf.evaluate_version(settings, version, splits[sp], wf.metric_label(settings, sp),
+        return {sp: wf.evaluate_version(settings, version, splits[sp], ds.metric_label(settings, sp),
                                         True, teacher) for sp in ("valid", "test")}
 
     zs = wf.zero_shot_version(settings)

@@ -142,7 +142,8 @@ def teacher_evaluate(
 ) -> None:
     """MRR@10 / NDCG@10 / Recall@k of a teacher; each unique text is encoded once (cached)."""
     from codistill.ranking import RankingFileError, read_ranking_file
-    from teacher.workflow import evaluate_version, load_split, metric_label, resolve_version
+    from tasks.dataset import metric_label, read_split
+    from teacher.workflow import evaluate_version, resolve_version
 
     s = settings()
     try:
@@ -150,7 +151,7 @@ def teacher_evaluate(
         if data:
             sets = {str(p): (read_ranking_file(p), None) for p in data}
         else:
-            sets = {sp: (load_split(s, sp), metric_label(s, sp)) for sp in ("valid", "test")}
+            sets = {sp: (read_split(s, sp), metric_label(s, sp)) for sp in ("valid", "test")}
         results = {name: evaluate_version(s, version, ex, label, progress())
                    for name, (ex, label) in sets.items()}
     except (RankingFileError, FileNotFoundError, KeyError) as exc:
@@ -195,13 +196,14 @@ def teacher_precompute(
     """Write candidate embeddings and soft labels into the store (resumable)."""
     from codistill.ranking import RankingFileError, read_ranking_file
     from stores.base import StoreError
-    from teacher.workflow import SPLITS, load_split, precompute_version, resolve_version
+    from tasks.dataset import SPLITS, read_split
+    from teacher.workflow import precompute_version, resolve_version
 
     s = settings()
     try:
         version = resolve_version(s, teacher)
         splits = ({p.stem: read_ranking_file(p) for p in data} if data
-                  else {sp: load_split(s, sp) for sp in SPLITS})
+                  else {sp: read_split(s, sp) for sp in SPLITS})
         stats = precompute_version(s, version, splits, progress(), make_current)
     except (RankingFileError, FileNotFoundError, StoreError) as exc:
         raise _fail(exc) from None
@@ -237,7 +239,7 @@ def teacher_verify(name: Annotated[str, typer.Argument()] = "minilm") -> None:
 @store_app.command("info")
 def store_info() -> None:
     """Versions in the store, their status, pins and the current one."""
-    from teacher.workflow import open_configured_store
+    from stores import open_configured_store
 
     s = settings()
     try:
@@ -273,7 +275,7 @@ def store_unpin(version: str, consumer: str) -> None:
 
 def _change_pin(action: Literal["pin", "unpin"], version: str, consumer: str) -> None:
     """``store.pin`` or ``store.unpin`` on the configured store, closed afterwards."""
-    from teacher.workflow import open_configured_store
+    from stores import open_configured_store
 
     with open_configured_store(settings()) as store:
         getattr(store, action)(version, consumer)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -55,7 +55,6 @@ class TrainSettings(BaseModel):
 class TeacherSettings(BaseModel):
     model: str = Field("minilm", description="pretrained teacher: minilm | mpnet | a local folder")
     max_seq_length: int = 128
-    query_max_length: int = 64
     logit_scale: float = Field(20.0, gt=0, description="teacher logits = scale * cosine")
     batch_size: int = 64
     train: TrainSettings = TrainSettings()
@@ -84,6 +83,117 @@ class StreamSettings(BaseModel):
     sasl_password: str | None = None
 
 
+class DistillConfig(BaseModel):
+    """Recipe of an offline distillation run (part of the student version).
+
+    Small sets need more epochs: ``epochs`` counts passes, and 200 train queries
+    make only 7 steps a pass (``small`` wants ~60).
+
+    ``threads`` defaults to 1: the ops are small, and on a shared 2-core machine
+    OpenMP threads spin against other jobs (a training step measured 34 ms on one
+    thread and 840 ms on two while another process was encoding).
+    """
+
+    epochs: int = Field(10, ge=1)
+    time_budget_s: float = Field(65.0, gt=0, description="wall-clock cap of the training loop")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of KD; 1 - alpha on hard labels")
+    temperature: float = Field(4.0, gt=0)
+    batch_size: int = Field(32, ge=1, description="queries per step")
+    lr: float = Field(5e-3, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    seed: int = 0
+    student: Literal["asym-bow", "bow"] = Field(
+        "asym-bow", description="asym-bow: query tower vs the teacher's stored candidate "
+        "embeddings (student.asym); bow: symmetric bi-encoder with its own code tower")
+    init: Literal["teacher", "random"] = Field(
+        "teacher", description="teacher: subword table = the teacher's embedding of each "
+        "subword (student.static_init; needs the teacher model and dim = its dim)")
+    max_vocab: int = Field(16384, ge=1)
+    oov_buckets: int = Field(8, ge=1)
+    dim: int | None = Field(None, ge=1, description="subword table width; None = the teacher's "
+                            "dim with init=teacher, else 128")
+    out_dim: int | None = Field(None, ge=1, description="embedding size; None = the teacher's")
+    in_batch_negatives: bool = Field(
+        True, description="hard-label CE against every candidate in the batch, not just the list")
+    embed_weight: float = Field(
+        4.0, ge=0.0, description="weight of 1 - cosine(student, teacher embedding) on the batch's "
+        "queries and candidates (needs out_dim = the teacher's dim)")
+    query_max_len: int = Field(64, ge=1)
+    candidate_max_len: int = Field(256, ge=1)
+    threads: int = Field(1, ge=0, description="torch threads while distilling; 0 = leave as is")
+    track_valid: bool = Field(True, description="valid MRR@10 after each epoch (logged only)")
+    measure_speed: bool = Field(True, description="time query encoding of student and teacher")
+
+    def recipe(self) -> dict[str, Any]:
+        """The fields that shape the weights (not the budget-only or reporting ones)."""
+        return self.model_dump(exclude={"track_valid", "measure_speed", "threads"})
+
+
+class BackoffConfig(BaseModel):
+    """Retry policy for an unreachable store or stream: ``initial * factor^n``, capped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    initial_s: float = Field(0.05, gt=0)
+    max_s: float = Field(5.0, gt=0)
+    factor: float = Field(2.0, ge=1)
+    give_up_after_s: float | None = Field(None, gt=0, description="None: retry forever")
+
+
+class OnlineTrainerConfig(BaseModel):
+    """Everything the online trainer needs beyond :class:`codistill.config.Settings`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="trainer identity: checkpoint folder, pin, default group")
+    group: str | None = Field(None, description="consumer group; default codistill-trainer-NAME")
+    teacher_version: str | None = Field(None, description="None: the checkpoint's, else current")
+    batch_size: int = Field(64, ge=1, description="records per batch per partition (B)")
+    checkpoint_every: int = Field(10, ge=1, description="batches between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    alpha: float = Field(0.5, ge=0, le=1, description="KD weight; 1 - alpha on feedback")
+    temperature: float = Field(4.0, gt=0, description="KD temperature")
+    eta: float = Field(1.0, ge=0, description="position-bias exponent; 0 = naive clicks")
+    max_ipw_weight: float = Field(10.0, ge=1)
+    lr: float = Field(3e-3, gt=0, description="3e-3 trains a student from scratch; a warm start "
+                      "from a distilled student wants ~1e-4 (see student.online_demo)")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(5.0, gt=0)
+    seed: int = 0
+    window_s: float = Field(60.0, ge=0, description="join window after an impression")
+    allowed_lateness_s: float = Field(10.0, ge=0)
+    max_batches: int | None = Field(None, ge=0, description="stop after this many, this run")
+    until_end: bool = Field(False, description="stop at the end offsets seen at start, applying "
+                            "the partial last batches and flushing the joiner")
+    flush_at_end: bool = True
+    strict_order: bool = Field(True, description="wait for the partition whose turn it is "
+                               "(deterministic); False skips it (live, order follows arrival)")
+    poll_interval_s: float = Field(0.2, gt=0)
+    metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port; 0 = off")
+    drift_delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence")
+    checkpoint_dir: Path | None = Field(None, description="default HOME/online/NAME/checkpoints")
+    output_dir: Path | None = Field(None, description="final student; HOME/online/NAME/student")
+    init_student: Path | None = Field(None, description="warm start from a student directory")
+    max_vocab: int = Field(16384, ge=1)
+    oov_buckets: int = Field(8, ge=1)
+    dim: int = Field(128, ge=1)
+    out_dim: int = Field(256, ge=1)
+    query_max_len: int = Field(64, ge=1)
+    candidate_max_len: int = Field(128, ge=1, description="subwords; the teacher reads 128")
+    token_cache: int = Field(200_000, ge=0, description="texts whose subword ids are cached "
+                             "(a stream repeats candidates; encoding was ~80% of a step); 0 = off")
+    vocab_from_data: bool = Field(True, description="also fit the vocabulary on train-split "
+                                  "queries when HOME/data/SIZE/train.jsonl exists")
+    threads: int | None = Field(
+        1, ge=1, description="torch intra-op threads; None = settings.threads. 1 by default: "
+        "a BoW step is many small ops, and on a busy 2-core machine OpenMP barriers made "
+        "backward ~30x slower with 2 threads than with 1 (measured)")
+    deterministic: bool = True
+    backoff: BackoffConfig = BackoffConfig()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CODISTILL_", env_nested_delimiter="__", extra="forbid"
@@ -95,6 +205,8 @@ class Settings(BaseSettings):
     teacher: TeacherSettings = TeacherSettings()
     store: StoreSettings = StoreSettings()
     stream: StreamSettings = StreamSettings()
+    distill: DistillConfig = DistillConfig()
+    online: OnlineTrainerConfig = OnlineTrainerConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -44,6 +44,7 @@ class StepTimer:
 def run_demo(settings: Settings, progress: bool = True, train: bool = True,
              console: Console | None = None, student: bool = True) -> dict[str, Any]:
     from codistill.cli import metrics_table
+    from tasks import dataset as ds
     from tasks.build import build_dataset
     from teacher import workflow as wf
 
@@ -55,11 +56,11 @@ def run_demo(settings: Settings, progress: bool = True, train: bool = True,
         manifest = build_dataset(settings.data, settings.data_dir, settings.download_dir, progress=progress)
         summary["data"] = {"data_hash": manifest["data_hash"], "counts": manifest["counts"]}
         console.print(json.dumps(manifest["counts"]))
-    splits = {sp: wf.load_split(settings, sp) for sp in wf.SPLITS}
+    splits = {sp: ds.read_split(settings, sp) for sp in ds.SPLITS}
 
     def evaluate(version: str) -> dict[str, dict[str, float]]:
         teacher = wf.open_teacher(settings, version, progress)
-        return {sp: wf.evaluate_version(settings, version, splits[sp], wf.metric_label(settings, sp),
+        return {sp: wf.evaluate_version(settings, version, splits[sp], ds.metric_label(settings, sp),
                                         progress, teacher) for sp in ("valid", "test")}
 
     zs_version = wf.zero_shot_version(settings)

@@ -23,7 +23,7 @@ from stores.codec import CodecError
 from stores.embedded import EmbeddedStore
 
 if TYPE_CHECKING:
-    from codistill.config import StoreSettings
+    from codistill.config import Settings, StoreSettings
     from stores.redis_store import RedisStore
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "VersionError",
     "VersionInfo",
     "VersionManifest",
+    "open_configured_store",
     "open_store",
 ]
 
@@ -71,3 +72,8 @@ def __getattr__(name: str) -> object:
 
         return RedisStore
     raise AttributeError(f"module 'stores' has no attribute {name!r}")
+
+
+def open_configured_store(settings: Settings) -> Store:
+    """The store the settings name, with the embedded path resolved under ``home``."""
+    return open_store(settings.resolved_store())

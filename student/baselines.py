@@ -22,7 +22,7 @@ import numpy as np
 
 from codistill import metrics
 from codistill.ranking import RankingExample
-from tasks.negatives import quiet_bm25s, subword_tokens
+from codistill.text import quiet_bm25s, subword_tokens
 
 
 class BM25Ranker:

@@ -84,7 +84,7 @@ def student_evaluate(
         card = reg.load_card(version)
         source = None
         if needs_candidate_source(card.kind):  # candidates come from the teacher's vectors
-            from teacher.workflow import open_configured_store
+            from stores import open_configured_store
 
             store = open_configured_store(s)
             source = StoreCandidates(store, card.teacher_version)

@@ -45,16 +45,15 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from codistill import metrics
-from codistill.config import Settings
+from codistill.config import DistillConfig, Settings
 from codistill.ranking import RankingExample
 from stores.base import SoftLabelRecord, Store
 from student.asym import AsymmetricBowStudent, StoreCandidates
@@ -70,53 +69,6 @@ log = logging.getLogger("codistill.student")
 
 EVAL_SPLITS = ("valid", "test")
 LABEL_CHUNK = 512  # query ids per get_labels call: one round trip per chunk, not per query
-
-
-class DistillConfig(BaseModel):
-    """Recipe of an offline distillation run (part of the student version).
-
-    Small sets need more epochs: ``epochs`` counts passes, and 200 train queries
-    make only 7 steps a pass (``small`` wants ~60).
-
-    ``threads`` defaults to 1: the ops are small, and on a shared 2-core machine
-    OpenMP threads spin against other jobs (a training step measured 34 ms on one
-    thread and 840 ms on two while another process was encoding).
-    """
-
-    epochs: int = Field(10, ge=1)
-    time_budget_s: float = Field(65.0, gt=0, description="wall-clock cap of the training loop")
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of KD; 1 - alpha on hard labels")
-    temperature: float = Field(4.0, gt=0)
-    batch_size: int = Field(32, ge=1, description="queries per step")
-    lr: float = Field(5e-3, gt=0)
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    seed: int = 0
-    student: Literal["asym-bow", "bow"] = Field(
-        "asym-bow", description="asym-bow: query tower vs the teacher's stored candidate "
-        "embeddings (student.asym); bow: symmetric bi-encoder with its own code tower")
-    init: Literal["teacher", "random"] = Field(
-        "teacher", description="teacher: subword table = the teacher's embedding of each "
-        "subword (student.static_init; needs the teacher model and dim = its dim)")
-    max_vocab: int = Field(16384, ge=1)
-    oov_buckets: int = Field(8, ge=1)
-    dim: int | None = Field(None, ge=1, description="subword table width; None = the teacher's "
-                            "dim with init=teacher, else 128")
-    out_dim: int | None = Field(None, ge=1, description="embedding size; None = the teacher's")
-    in_batch_negatives: bool = Field(
-        True, description="hard-label CE against every candidate in the batch, not just the list")
-    embed_weight: float = Field(
-        4.0, ge=0.0, description="weight of 1 - cosine(student, teacher embedding) on the batch's "
-        "queries and candidates (needs out_dim = the teacher's dim)")
-    query_max_len: int = Field(64, ge=1)
-    candidate_max_len: int = Field(256, ge=1)
-    threads: int = Field(1, ge=0, description="torch threads while distilling; 0 = leave as is")
-    track_valid: bool = Field(True, description="valid MRR@10 after each epoch (logged only)")
-    measure_speed: bool = Field(True, description="time query encoding of student and teacher")
-
-    def recipe(self) -> dict[str, Any]:
-        """The fields that shape the weights (not the budget-only or reporting ones)."""
-        return self.model_dump(exclude={"track_valid", "measure_speed", "threads"})
 
 
 # ---------------------------------------------------------------- data
@@ -359,7 +311,8 @@ def _teacher_metrics(
     settings: Settings, store: Store, version: str, split: str, examples: Sequence[RankingExample]
 ) -> tuple[dict[str, float], str]:
     """Card metrics when the teacher was evaluated on exactly this data, else from the store."""
-    from teacher.workflow import metric_label, teacher_registry
+    from tasks.dataset import metric_label
+    from teacher.workflow import teacher_registry
 
     try:
         card = teacher_registry(settings).load(version)
@@ -579,7 +532,8 @@ def distill(settings: Settings, cfg: DistillConfig | None = None, progress: bool
 
 def _distill(settings: Settings, cfg: DistillConfig, progress: bool, set_current: bool
              ) -> dict[str, Any]:
-    from teacher.workflow import data_hash, load_split, metric_label, open_configured_store
+    from stores import open_configured_store
+    from tasks.dataset import manifest_data_hash, metric_label, read_split
 
     t_start = time.perf_counter()
     clock: dict[str, float] = {}
@@ -599,7 +553,7 @@ def _distill(settings: Settings, cfg: DistillConfig, progress: bool, set_current
         holding = f"student:distilling-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         store.pin(version, holding)
         try:
-            splits = {sp: load_split(settings, sp) for sp in ("train", *EVAL_SPLITS)}
+            splits = {sp: read_split(settings, sp) for sp in ("train", *EVAL_SPLITS)}
             records = read_labels(store, version, splits["train"])
             encode = _teacher_encoder(settings, version, progress) if cfg.init == "teacher" \
                 else None
@@ -642,7 +596,7 @@ def _distill(settings: Settings, cfg: DistillConfig, progress: bool, set_current
             reg = student_registry(settings.home)
             card = reg.save(student, StudentCard(
                 kind=student.kind, teacher_version=version, weights_sha256="",
-                recipe=cfg.recipe(), size=size, data_hash=data_hash(settings),
+                recipe=cfg.recipe(), size=size, data_hash=manifest_data_hash(settings),
                 train={k: v for k, v in train.items() if k != "history"},
                 metrics={metric_label(settings, sp): m for sp, m in results["student"].items()},
             ))
@@ -666,7 +620,7 @@ def _distill(settings: Settings, cfg: DistillConfig, progress: bool, set_current
         "current": set_current,
         "path": str(reg.path(card.student_version)),
         "store": store_name,
-        "data": {"size": settings.data.size, "data_hash": data_hash(settings),
+        "data": {"size": settings.data.size, "data_hash": manifest_data_hash(settings),
                  "train_queries": len(data), "train_candidates": len(data.candidate_ids),
                  "vocab_size": student.tokenizer.vocab_size},
         "config": cfg.model_dump(),

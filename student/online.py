@@ -56,9 +56,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from codistill.config import Settings, load_settings
+from codistill.config import OnlineTrainerConfig, Settings, load_settings
 from stores import StoreUnavailable, open_store
 from stores.base import Store
 from streaming import StreamError, StreamUnavailable, open_stream
@@ -95,70 +94,6 @@ class TrainerError(RuntimeError):
 
 class _Interrupted(Exception):
     """Stop requested while a batch was half done: exit without checkpointing it."""
-
-
-class BackoffConfig(BaseModel):
-    """Retry policy for an unreachable store or stream: ``initial * factor^n``, capped."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    initial_s: float = Field(0.05, gt=0)
-    max_s: float = Field(5.0, gt=0)
-    factor: float = Field(2.0, ge=1)
-    give_up_after_s: float | None = Field(None, gt=0, description="None: retry forever")
-
-
-class OnlineTrainerConfig(BaseModel):
-    """Everything the online trainer needs beyond :class:`codistill.config.Settings`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$",
-                      description="trainer identity: checkpoint folder, pin, default group")
-    group: str | None = Field(None, description="consumer group; default codistill-trainer-NAME")
-    teacher_version: str | None = Field(None, description="None: the checkpoint's, else current")
-    batch_size: int = Field(64, ge=1, description="records per batch per partition (B)")
-    checkpoint_every: int = Field(10, ge=1, description="batches between checkpoints")
-    keep_checkpoints: int = Field(2, ge=1)
-    alpha: float = Field(0.5, ge=0, le=1, description="KD weight; 1 - alpha on feedback")
-    temperature: float = Field(4.0, gt=0, description="KD temperature")
-    eta: float = Field(1.0, ge=0, description="position-bias exponent; 0 = naive clicks")
-    max_ipw_weight: float = Field(10.0, ge=1)
-    lr: float = Field(3e-3, gt=0, description="3e-3 trains a student from scratch; a warm start "
-                      "from a distilled student wants ~1e-4 (see student.online_demo)")
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(5.0, gt=0)
-    seed: int = 0
-    window_s: float = Field(60.0, ge=0, description="join window after an impression")
-    allowed_lateness_s: float = Field(10.0, ge=0)
-    max_batches: int | None = Field(None, ge=0, description="stop after this many, this run")
-    until_end: bool = Field(False, description="stop at the end offsets seen at start, applying "
-                            "the partial last batches and flushing the joiner")
-    flush_at_end: bool = True
-    strict_order: bool = Field(True, description="wait for the partition whose turn it is "
-                               "(deterministic); False skips it (live, order follows arrival)")
-    poll_interval_s: float = Field(0.2, gt=0)
-    metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port; 0 = off")
-    drift_delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence")
-    checkpoint_dir: Path | None = Field(None, description="default HOME/online/NAME/checkpoints")
-    output_dir: Path | None = Field(None, description="final student; HOME/online/NAME/student")
-    init_student: Path | None = Field(None, description="warm start from a student directory")
-    max_vocab: int = Field(16384, ge=1)
-    oov_buckets: int = Field(8, ge=1)
-    dim: int = Field(128, ge=1)
-    out_dim: int = Field(256, ge=1)
-    query_max_len: int = Field(64, ge=1)
-    candidate_max_len: int = Field(128, ge=1, description="subwords; the teacher reads 128")
-    token_cache: int = Field(200_000, ge=0, description="texts whose subword ids are cached "
-                             "(a stream repeats candidates; encoding was ~80% of a step); 0 = off")
-    vocab_from_data: bool = Field(True, description="also fit the vocabulary on train-split "
-                                  "queries when HOME/data/SIZE/train.jsonl exists")
-    threads: int | None = Field(
-        1, ge=1, description="torch intra-op threads; None = settings.threads. 1 by default: "
-        "a BoW step is many small ops, and on a busy 2-core machine OpenMP barriers made "
-        "backward ~30x slower with 2 threads than with 1 (measured)")
-    deterministic: bool = True
-    backoff: BackoffConfig = BackoffConfig()
 
 
 def _parse_crash_env() -> set[tuple[str, int]]:

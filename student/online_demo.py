@@ -17,9 +17,9 @@ WARM_START_LR = 1e-4
 def produce_demo_stream(settings: Settings, n_requests: int = 1500, seed: int = 0,
                         malformed_rate: float = 0.02) -> dict[str, int]:
     """Write a seeded stream (with a few malformed messages for the DLQ) to the events topic."""
-    from teacher.workflow import load_split
+    from tasks.dataset import read_split
 
-    train = load_split(settings, "train")
+    train = read_split(settings, "train")
     specs = [QuerySpec(ex.query_id, ex.query, ex.candidate_ids, [float(x) for x in ex.labels])
              for ex in train]
     gen = generate_stream(specs, n_requests, seed, click_model=ClickModel(eta=1.0), max_shown=10,
@@ -43,10 +43,11 @@ def demo_step(settings: Settings, init_student: str | None, progress: bool = Tru
     """
     import shutil
 
+    from stores import open_configured_store
     from student.asym import StoreCandidates
     from student.base import Student
     from student.online import OnlineTrainerConfig, run_online
-    from teacher.workflow import load_split, open_configured_store
+    from tasks.dataset import read_split
 
     stream_cfg = settings.resolved_stream()
     # a warm start is already near the teacher: large steps walk it away (measured on demo
@@ -60,7 +61,7 @@ def demo_step(settings: Settings, init_student: str | None, progress: bool = Tru
         shutil.rmtree(settings.home / "online" / cfg.name, ignore_errors=True)
     produced = produce_demo_stream(settings)
     summary = run_online(settings, cfg)
-    test = load_split(settings, "test")
+    test = read_split(settings, "test")
     store = open_configured_store(settings)
     try:  # a query-only student scores against the teacher's stored candidate vectors
         student = Student.load(summary["student_dir"], candidate_source=StoreCandidates(

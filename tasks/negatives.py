@@ -10,57 +10,24 @@ a query's list does not change when other queries are added or capped away.
 
 from __future__ import annotations
 
-import logging
 import random
-import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import bm25s
 import numpy as np
-from bm25s.stopwords import STOPWORDS_EN
 from scipy import sparse
 from tqdm import tqdm
 
 from codistill.ids import query_id
 from codistill.ranking import RankingExample
+from codistill.text import quiet_bm25s, subword_tokens
 from tasks.mine import Pair
 from tasks.split import Split, seeded_key
 
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SUBWORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+[0-9]*|[A-Z]+[0-9]*|[0-9]+")
-_STOP = frozenset(STOPWORDS_EN)
 _QUERY_BATCH = 256  # (batch x pool) float64 scores: 256 x 30k = 60 MB at most
 
 
 
-@contextmanager
-def quiet_bm25s() -> Iterator[None]:
-    """Silence bm25s's per-index DEBUG/INFO log lines (noise in every build and evaluation)."""
-    logger = logging.getLogger("bm25s")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-def subword_tokens(text: str) -> list[str]:
-    """Identifier sub-words, lowercased: ``parseHTTPHeader_v2`` -> parse, http, header, v2.
-
-    The same tokenizer serves docstrings and code so that ``read_file`` in code
-    matches "read a file" in a query. Digits stay on the word they follow
-    (``sha256``, ``utf8``); one-letter pieces and English stopwords carry no
-    retrieval signal and are dropped.
-    """
-    out = []
-    for ident in _IDENT.findall(text):
-        for part in ident.split("_"):
-            for sub in _SUBWORD.findall(part):
-                low = sub.lower()
-                if len(low) > 1 and low not in _STOP:
-                    out.append(low)
-    return out
 
 
 def bm25_hard_negatives(

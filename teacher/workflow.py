@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from codistill.config import Settings
-from codistill.ranking import RankingExample, read_ranking_file
-from stores.base import Store
+from codistill.ranking import RankingExample
+from stores import open_configured_store
+from tasks.dataset import manifest_data_hash, metric_label, read_split
 from teacher.model import Teacher, TeacherRegistry, load_teacher
 from teacher.precompute import PrecomputeStats, precompute
 from teacher.train import finetune, make_triples, save_finetuned
 
 log = logging.getLogger("codistill.teacher")
-
-SPLITS = ("train", "valid", "test")
-
 
 def teacher_registry(settings: Settings) -> TeacherRegistry:
     return TeacherRegistry(settings.teachers_dir, settings.home)
@@ -59,24 +55,6 @@ def open_teacher(settings: Settings, version: str, progress: bool = True) -> Tea
     )
 
 
-def split_path(settings: Settings, split: str) -> Path:
-    path = settings.data_dir / f"{split}.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: build the data first with `codistill data build --size {settings.data.size}`"
-        )
-    return path
-
-
-def data_hash(settings: Settings) -> str | None:
-    manifest = settings.data_dir / "manifest.json"
-    return json.loads(manifest.read_text())["data_hash"] if manifest.exists() else None
-
-
-def load_split(settings: Settings, split: str) -> list[RankingExample]:
-    return read_ranking_file(split_path(settings, split))
-
-
 def evaluate_version(
     settings: Settings, version: str, examples: list[RankingExample], label: str | None = None,
     progress: bool = True, teacher: Teacher | None = None,
@@ -94,15 +72,11 @@ def evaluate_version(
     return result
 
 
-def metric_label(settings: Settings, split: str) -> str:
-    return f"{settings.data.size}/{split}@{(data_hash(settings) or 'nodata')[:12]}"
-
-
 def train_and_promote(settings: Settings, progress: bool = True) -> dict[str, Any]:
     """Fine-tune the current teacher; promote the result only if valid MRR@10 improves."""
     reg = teacher_registry(settings)
     old_version = ensure_current(settings)
-    train, valid = load_split(settings, "train"), load_split(settings, "valid")
+    train, valid = read_split(settings, "train"), read_split(settings, "valid")
     label = metric_label(settings, "valid")
     teacher = open_teacher(settings, old_version, progress)
     old_metrics = reg.load(old_version).metrics.get(label) or evaluate_version(
@@ -110,7 +84,7 @@ def train_and_promote(settings: Settings, progress: bool = True) -> dict[str, An
     )
     cfg = settings.teacher.train
     result = finetune(teacher, make_triples(train, cfg.hard_negatives, cfg.seed), cfg, progress)
-    card = save_finetuned(teacher, reg, cfg, data_hash(settings), result)
+    card = save_finetuned(teacher, reg, cfg, manifest_data_hash(settings), result)
     teacher.card = card  # the cache is keyed by version: evaluate as the new teacher
     new_metrics = evaluate_version(settings, card.teacher_version, valid, label, progress, teacher)
     promoted = new_metrics["mrr@10"] > old_metrics["mrr@10"]
@@ -125,12 +99,6 @@ def train_and_promote(settings: Settings, progress: bool = True) -> dict[str, An
         "valid_mrr@10_candidate": new_metrics["mrr@10"],
         "train": result.summary(),
     }
-
-
-def open_configured_store(settings: Settings) -> Store:
-    from stores import open_store
-
-    return open_store(settings.resolved_store())
 
 
 def precompute_version(

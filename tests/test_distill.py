@@ -18,6 +18,8 @@ from typer.testing import CliRunner
 
 from codistill.config import Settings, load_settings
 from codistill.ranking import RankingExample
+from codistill.text import subword_tokens
+from stores import open_configured_store
 from student.asym import MissingCandidateError, StoreCandidates
 from student.baselines import BM25Ranker, bm25_scores, evaluate_bm25
 from student.distill import (
@@ -31,8 +33,8 @@ from student.distill import (
     teacher_metrics_from_store,
 )
 from student.registry import StudentIntegrityError, student_registry
+from tasks import dataset as ds
 from tasks.build import build_dataset
-from tasks.negatives import subword_tokens
 from teacher import workflow as wf
 
 # -- BM25 baseline ------------------------------------------------------------------------------
@@ -91,7 +93,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     s = load_settings(home=tmp_path_factory.mktemp("distill-home"), data={"size": "small"})
     build_dataset(s.data, s.data_dir, s.download_dir, progress=False)
     version = wf.ensure_current(s)
-    wf.precompute_version(s, version, {sp: wf.load_split(s, sp) for sp in wf.SPLITS}, False)
+    wf.precompute_version(s, version, {sp: ds.read_split(s, sp) for sp in ds.SPLITS}, False)
     return s
 
 
@@ -105,8 +107,8 @@ def distilled(small: Settings) -> dict:
 
 
 def test_labels_are_read_in_batches_and_checked(small: Settings) -> None:
-    train = wf.load_split(small, "train")
-    store = wf.open_configured_store(small)
+    train = ds.read_split(small, "train")
+    store = open_configured_store(small)
     try:
         version = store.current()
         assert version is not None
@@ -131,7 +133,7 @@ def test_labels_are_read_in_batches_and_checked(small: Settings) -> None:
             read_labels(store, version, [unknown])
 
         # teacher metrics straight from the stored scores agree with the teacher itself
-        valid = wf.load_split(small, "valid")
+        valid = ds.read_split(small, "valid")
         from_store = teacher_metrics_from_store(store, version, valid)
         direct = wf.evaluate_version(small, version, valid, progress=False)
         assert from_store["mrr@10"] == pytest.approx(direct["mrr@10"], abs=1e-6)
@@ -149,8 +151,8 @@ def test_batched_training_scores_equal_the_text_api(small: Settings, kind: str) 
     """
     import torch
 
-    train = wf.load_split(small, "train")[:40]
-    store = wf.open_configured_store(small)
+    train = ds.read_split(small, "train")[:40]
+    store = open_configured_store(small)
     version = store.current()
     assert version is not None
     records = read_labels(store, version, train)
@@ -234,7 +236,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Settings:
                       teacher={"max_seq_length": 64})
     build_dataset(s.data, s.data_dir, s.download_dir, progress=False)
     version = wf.ensure_current(s)
-    wf.precompute_version(s, version, {sp: wf.load_split(s, sp) for sp in wf.SPLITS}, False)
+    wf.precompute_version(s, version, {sp: ds.read_split(s, sp) for sp in ds.SPLITS}, False)
     return s
 
 
@@ -264,10 +266,10 @@ def test_distill_saves_pins_and_reports(small: Settings, distilled: dict) -> Non
     assert reg.current_version() == version
     card = reg.load_card(version)
     assert card.teacher_version == distilled["teacher_version"]
-    label = wf.metric_label(small, "test")  # the teacher cards' labels: size/split@data-hash
+    label = ds.metric_label(small, "test")  # the teacher cards' labels: size/split@data-hash
     assert card.metrics[label]["mrr@10"] == distilled["results"]["student"]["test"]["mrr@10"]
     assert 0 < distilled["size"]["megabytes"] < 20
-    store = wf.open_configured_store(small)
+    store = open_configured_store(small)
     try:
         pins = store.pins(distilled["teacher_version"])
     finally:
@@ -282,12 +284,12 @@ def test_registry_round_trip_gives_identical_scores(small: Settings, distilled: 
     reg = student_registry(small.home)
     version = distilled["student_version"]
     teacher = distilled["teacher_version"]
-    store = wf.open_configured_store(small)
+    store = open_configured_store(small)
     request.addfinalizer(store.close)
     source = StoreCandidates(store, teacher)  # asym-bow scores against the stored vectors
     student = reg.load(version, expected_teacher_version=teacher, candidate_source=source)
     assert student.kind == "asym-bow" and not student.has_candidate_tower
-    test = wf.load_split(small, "test")
+    test = ds.read_split(small, "test")
     m = evaluate_student(student, test)
     saved = {k: v for k, v in distilled["results"]["student"]["test"].items() if k in m}
     assert m == saved  # bit-identical metrics after reload

@@ -446,6 +446,7 @@ def real_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     The teacher reads 64 subwords (not 128) to halve its encoding time in CI; its
     held-out MRR@10 is 0.715 then (0.748 at 128).
     """
+    from tasks import dataset as ds
     from tasks.build import build_dataset
     from teacher import workflow as wf
 
@@ -453,7 +454,7 @@ def real_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     s = _real_settings(home)
     build_dataset(s.data, s.data_dir, s.download_dir, progress=False)
     version = wf.ensure_current(s)
-    splits = {split: wf.load_split(s, split) for split in ("train", "test")}
+    splits = {split: ds.read_split(s, split) for split in ("train", "test")}
     wf.precompute_version(s, version, splits, progress=False)
     return home
 

@@ -17,10 +17,11 @@ import pytest
 
 from codistill.config import DataSettings
 from codistill.ids import candidate_id, query_id
+from codistill.text import subword_tokens
 from tasks import DatasetError, build_dataset, load_manifest, load_split
 from tasks.build import _check_sizes, data_hash
 from tasks.mine import Pair, extract, mine, reject_summary, summarize
-from tasks.negatives import bm25_hard_negatives, build_examples, subword_tokens
+from tasks.negatives import bm25_hard_negatives, build_examples
 from tasks.packages import PINS, SMALL_STDLIB, Pin, pins_for
 from tasks.sources import SourceFile, dir_files, is_skipped, stdlib_files, wheel_files
 from tasks.split import SPLITS, assign_groups, cap_queries, split_pairs

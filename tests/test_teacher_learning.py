@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from codistill.config import load_settings
+from tasks import dataset as ds
 from tasks.build import build_dataset
 from teacher import workflow as wf
 
@@ -36,7 +37,7 @@ def _settings(home: Path, **train):
 
 def test_finetune_raises_heldout_mrr(home: Path) -> None:
     s = _settings(home)
-    test = wf.load_split(s, "test")
+    test = ds.read_split(s, "test")
     assert len(test) >= 300
     before = wf.evaluate_version(s, wf.ensure_current(s), test, progress=False)
     result = wf.train_and_promote(s, progress=False)
