@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -52,19 +53,31 @@ def _read_all(s: EmbeddedStream, p: int) -> list:
     return out
 
 
-def test_records_written_but_not_fsynced_are_not_served(tmp_path: Path) -> None:
+def test_records_are_served_only_after_their_fsync(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes in the file are not records yet: only an fsync that succeeded publishes them."""
     writer = _open(tmp_path / "ev")
-    big = b"x" * 700_000  # two of these pass the write buffer: written to the file, not synced
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "injected: fsync failed")
+
+    writer.send(TOPIC, KEY, b"first")
+    writer.flush()  # the partition's files exist and are open: the next append only writes
+    big = b"x" * 700_000  # two of these pass the write buffer: written to the file at once
+    monkeypatch.setattr(os, "fsync", failing_fsync)
     writer.send(TOPIC, KEY, big)
-    writer.send(TOPIC, KEY, big)
+    with pytest.raises(OSError, match="injected"):
+        writer.send(TOPIC, KEY, big)
+        writer.flush()
     p = partition_for(KEY, 2)
-    assert (tmp_path / "ev" / TOPIC / f"{p}.log").stat().st_size > len(big)  # bytes are there
     reader = _open(tmp_path / "ev")
-    assert reader.end_offset(TOPIC, p) == 0
-    assert reader.read(TOPIC, p, 0, 10) == []
-    writer.flush()
-    assert reader.end_offset(TOPIC, p) == 2
-    assert [r.value for r in reader.read(TOPIC, p, 0, 10)] == [big, big]
+    assert reader.end_offset(TOPIC, p) == 1
+    assert [r.value for r in reader.read(TOPIC, p, 0, 10)] == [b"first"]
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    writer.flush()  # nothing was lost: the batch is still buffered and goes out now
+    assert reader.end_offset(TOPIC, p) == 3
+    assert [r.value for r in reader.read(TOPIC, p, 0, 10)] == [b"first", big, big]
 
 
 def _frame_starts(n: int) -> list[int]:
