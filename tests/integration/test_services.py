@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.redis_process import free_port
+from tests.helpers.redis_process import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +49,23 @@ def test_redis_set_get(redis_url: str) -> None:
     finally:
         client.delete(key)
         client.close()
+
+
+def test_shipped_redis_persists_with_aof(redis_url: str) -> None:
+    """A Redis restarted empty would look reachable but have lost every label: the
+    Redis that scripts/services.sh and docker-compose.yml start keeps an AOF."""
+    import redis
+    import yaml
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+    finally:
+        client.close()
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    command = " ".join(compose["services"]["redis"]["command"])
+    assert "--appendonly yes" in command and "--appendfsync everysec" in command
 
 
 # ---------------------------------------------------------------- kafka
