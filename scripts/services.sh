@@ -170,9 +170,11 @@ start_redis() {
     local dir
     dir=$(svc_dir redis)
     mkdir -p "$dir/data"
-    # No persistence: test data is throwaway, and fsyncs would skew benchmarks.
+    # AOF, fsynced every second: a restarted Redis comes back with its labels instead of
+    # empty (an empty store would look reachable and lose every soft label). No RDB.
     launch redis redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --protected-mode yes \
-        --daemonize no --save '' --appendonly no --dir "$dir/data" --loglevel warning
+        --daemonize no --save '' --appendonly yes --appendfsync everysec \
+        --dir "$dir/data" --loglevel warning
     wait_ready redis redis_ready
 }
 
