@@ -5,8 +5,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from codistill.cli import app
-from tests.test_teacher import examples
+from codistill.app.cli import app
+from tests.helpers.code_examples import examples
 
 runner = CliRunner()
 
@@ -31,6 +31,32 @@ def test_evaluate_and_precompute_a_user_file(tmp_path: Path) -> None:
     assert "6/6 queries written" in res.output
     res = runner.invoke(app, ["--home", str(tmp_path / "h"), "store", "info"])
     assert res.exit_code == 0 and "complete" in res.output
+
+
+def test_precompute_appends_a_new_file_to_the_current_version(tmp_path: Path) -> None:
+    """The current version is complete; a new user file adds what it lacks to it."""
+    from codistill.ranking import read_ranking_file
+    from stores.embedded import EmbeddedStore
+
+    home = ["--home", str(tmp_path / "h"), "-q"]
+    first = _user_file(tmp_path / "mine.jsonl")
+    assert runner.invoke(app, [*home, "teacher", "precompute", "--data", str(first)]).exit_code == 0
+    rows = [json.loads(line) for line in first.read_text().splitlines()]
+    extra = {"query": "reverse a list in place",
+             "candidates": ["def flip(xs):\n    xs.reverse()\n    return xs", *rows[0]["candidates"]],
+             "labels": [1] + [0] * len(rows[0]["candidates"])}
+    second = tmp_path / "more.jsonl"
+    second.write_text(json.dumps(extra) + "\n")
+    res = runner.invoke(app, [*home, "teacher", "precompute", "--data", str(second)])
+    assert res.exit_code == 0, res.output
+    assert "1/1 queries written" in res.output
+    ex = read_ranking_file(second)[0]
+    with EmbeddedStore(tmp_path / "h" / "store") as store:
+        version = store.current()
+        assert version is not None and store.get_version(version).status == "complete"
+        assert store.has_embeddings(version, ex.candidate_ids).all()
+        assert store.get_labels(version, [ex.query_id])[0] is not None
+        assert store.get_version(version).sequence == 2  # one new candidate, one new label
 
 
 def test_malformed_file_names_line_and_field_and_writes_nothing(tmp_path: Path) -> None:

@@ -323,6 +323,33 @@ def test_version_lifecycle(store: Store) -> None:
     assert [v.teacher_version for v in store.versions()] == ["v1", "v2"]
 
 
+def test_complete_version_appends_new_records_only(store: Store) -> None:
+    """A complete version takes *new* keys (the nearline teacher, new candidates), each with
+    a sequence number, and never overwrites a record a reader may already have used."""
+    records = complete(store, "v1")  # q0..q2; candidates a, b (all ones)
+    assert store.get_version("v1").sequence == 0  # type: ignore[union-attr]
+    assert store.put_embeddings("v1", ["b", "c"], np.full((2, DIM), 2.0, np.float32)) == 1
+    changed = records[0].model_copy(update={"scores": records[0].scores * 0})
+    assert store.put_labels([changed, make_record("v1", "q9", seed=9)]) == 1
+    info = store.get_version("v1")
+    assert info is not None and info.status == "complete" and info.sequence == 2
+    assert info.counts["embeddings"] == 3 and info.counts["labels"] == 4
+    emb, found = store.get_embeddings("v1", ["b", "c"])
+    assert found.all() and np.allclose(emb[0], 1.0) and np.allclose(emb[1], 2.0)  # b kept
+    assert_same_record(store.get_labels("v1", ["q0"])[0], records[0])  # not overwritten
+    # a reader pinned to a sequence watermark sees the version as it was then
+    assert store.get_labels("v1", ["q9", "q0"], max_seq=0)[0] is None
+    assert store.get_labels("v1", ["q9", "q0"], max_seq=0)[1] is not None
+    assert store.get_labels("v1", ["q9"], max_seq=2)[0] is not None
+    assert store.has_labels("v1", ["q9", "q1"], max_seq=1).tolist() == [False, True]
+    assert store.has_embeddings("v1", ["c", "a"], max_seq=0).tolist() == [False, True]
+    assert store.get_embeddings("v1", ["c", "a"], max_seq=0)[1].tolist() == [False, True]
+    assert store.has_embeddings("v1", ["c"], max_seq=1).tolist() == [True]
+    store.set_current("v1")  # still a complete version
+    assert store.put_labels([make_record("v1", "q9", seed=9)]) == 0  # again: nothing new
+    assert store.get_version("v1").sequence == 2  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("name", ["", "a:b", "v*", "text", "pins", "a b", "-x"])
 def test_invalid_version_names(store: Store, name: str) -> None:
     with pytest.raises(ValueError, match="invalid teacher version"):
