@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,7 +38,13 @@ class VersionError(StoreError):
 
 
 class VersionInfo(BaseModel):
-    """Manifest entry of one teacher version in a store."""
+    """Manifest entry of one teacher version in a store.
+
+    ``sequence`` counts the records appended after the version became complete:
+    records written while ``writing`` have sequence 0, the ``n``-th appended one has
+    ``n``. A reader that notes the sequence once and passes it as ``max_seq`` sees the
+    version as it was then, however much is appended meanwhile.
+    """
 
     teacher_version: str
     model: str
@@ -46,10 +52,11 @@ class VersionInfo(BaseModel):
     dim: int = Field(gt=0)
     embedding_dtype: Literal["float16", "float32"] = "float16"
     status: Literal["writing", "complete"] = "writing"
-    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+    created_at: str = Field(default_factory=lambda: utc_now())
     completed_at: str | None = None
     counts: dict[str, int] = Field(default_factory=dict)
     meta: dict[str, str] = Field(default_factory=dict)
+    sequence: int = Field(0, ge=0, description="records appended since completion")
 
 
 class SoftLabelRecord(BaseModel):
@@ -78,21 +85,35 @@ class SoftLabelRecord(BaseModel):
 
 @runtime_checkable
 class CandidateStore(Protocol):
+    """Candidate texts (any version) and the teacher's candidate embeddings (per version).
+
+    Writes to a ``writing`` version insert or replace; writes to a ``complete`` one
+    insert only ids it lacks (never overwrite), each with the next sequence number.
+    Both return how many records they wrote. ``max_seq`` on a read hides records
+    appended after that sequence number (see :class:`VersionInfo`).
+    """
+
     def put_texts(self, texts: Mapping[str, str]) -> None: ...
     def get_texts(self, ids: Sequence[str]) -> list[str | None]: ...
-    def put_embeddings(self, version: str, ids: Sequence[str], embeddings: np.ndarray) -> None: ...
-    def get_embeddings(self, version: str, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def put_embeddings(self, version: str, ids: Sequence[str], embeddings: np.ndarray) -> int: ...
+    def get_embeddings(self, version: str, ids: Sequence[str], max_seq: int | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(matrix float32 [n, dim], found bool [n])``; missing rows are zeros."""
         ...
-    def has_embeddings(self, version: str, ids: Sequence[str]) -> np.ndarray: ...
+    def has_embeddings(self, version: str, ids: Sequence[str], max_seq: int | None = None
+                       ) -> np.ndarray: ...
     def iter_candidate_ids(self, version: str) -> Iterator[str]: ...
 
 
 @runtime_checkable
 class LabelStore(Protocol):
-    def put_labels(self, records: Sequence[SoftLabelRecord]) -> None: ...
-    def get_labels(self, version: str, query_ids: Sequence[str]) -> list[SoftLabelRecord | None]: ...
-    def has_labels(self, version: str, query_ids: Sequence[str]) -> np.ndarray: ...
+    """One soft-label record per (version, query); appends as in :class:`CandidateStore`."""
+
+    def put_labels(self, records: Sequence[SoftLabelRecord]) -> int: ...
+    def get_labels(self, version: str, query_ids: Sequence[str], max_seq: int | None = None
+                   ) -> list[SoftLabelRecord | None]: ...
+    def has_labels(self, version: str, query_ids: Sequence[str], max_seq: int | None = None
+                   ) -> np.ndarray: ...
 
 
 @runtime_checkable
@@ -126,3 +147,45 @@ class Store(CandidateStore, LabelStore, VersionManifest, Protocol):
     def describe(self) -> str:
         """Human-readable location, e.g. ``redis://127.0.0.1:6379/0 ns=codistill``."""
         ...
+
+
+# -- helpers every backend shares ------------------------------------------------------------
+def utc_now() -> str:
+    """Timestamps in manifests: ISO 8601, UTC."""
+    return datetime.now(UTC).isoformat()
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of at most ``size`` items (one batched round trip each).
+
+    >>> [list(c) for c in chunks([1, 2, 3, 4, 5], 2)]
+    [[1, 2], [3, 4], [5]]
+    """
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def check_resume(existing: VersionInfo, info: VersionInfo) -> None:
+    """Resuming a version is fine; reusing its name for a different teacher is not."""
+    fields = ("model", "dim", "logit_scale", "embedding_dtype")
+    diff = {
+        f: (getattr(existing, f), getattr(info, f))
+        for f in fields
+        if getattr(existing, f) != getattr(info, f)
+    }
+    if diff:
+        detail = ", ".join(f"{f}: stored {a!r} != given {b!r}" for f, (a, b) in diff.items())
+        raise VersionError(f"version {info.teacher_version!r} exists with different {detail}")
+
+
+def completed_info(
+    info: VersionInfo, measured: Mapping[str, int], counts: Mapping[str, int] | None
+) -> VersionInfo:
+    """The manifest entry marked complete; measured counts, overridden by the caller's."""
+    return info.model_copy(
+        update={
+            "status": "complete",
+            "completed_at": info.completed_at or utc_now(),
+            "counts": {**info.counts, **measured, **(counts or {})},
+        }
+    )

@@ -20,12 +20,20 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from stores.base import SoftLabelRecord, StoreError, StoreUnavailable, VersionError, VersionInfo
+from stores.base import (
+    SoftLabelRecord,
+    StoreError,
+    StoreUnavailable,
+    VersionError,
+    VersionInfo,
+    check_resume,
+    chunks,
+    completed_info,
+)
 from stores.codec import (
     check_embeddings,
     check_record,
@@ -36,7 +44,7 @@ from stores.codec import (
     encode_vectors,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: seq columns (records appended to complete versions)
 DB_NAME = "store.sqlite"
 _SQL_CHUNK = 500  # ids per "IN (...)": far below SQLite's variable limit
 _PAGE = 1000  # ids per page of iter_candidate_ids: short read transactions
@@ -44,10 +52,11 @@ _PAGE = 1000  # ids per page of iter_candidate_ids: short read transactions
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS texts (id TEXT PRIMARY KEY, text TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS embeddings (
-    version TEXT NOT NULL, id TEXT NOT NULL, vec BLOB NOT NULL, PRIMARY KEY (version, id));
+    version TEXT NOT NULL, id TEXT NOT NULL, vec BLOB NOT NULL, seq INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (version, id));
 CREATE TABLE IF NOT EXISTS labels (
     version TEXT NOT NULL, query_id TEXT NOT NULL, rec BLOB NOT NULL,
-    PRIMARY KEY (version, query_id));
+    seq INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (version, query_id));
 CREATE TABLE IF NOT EXISTS versions (version TEXT PRIMARY KEY, info TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS pointers (name TEXT PRIMARY KEY, version TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS pins (
@@ -57,15 +66,6 @@ CREATE TABLE IF NOT EXISTS pins (
 # Connections inherited over fork(): kept referenced so the child never closes them
 # (closing would touch the parent's locks and WAL index).
 _INHERITED: list[sqlite3.Connection] = []
-
-
-def _chunks(items: Sequence[str], size: int = _SQL_CHUNK) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
 
 
 class EmbeddedStore:
@@ -142,6 +142,9 @@ class EmbeddedStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            if found == 1:  # a store written before appends: every record is sequence 0
+                for table in ("embeddings", "labels"):
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @staticmethod
@@ -155,12 +158,6 @@ class EmbeddedStore:
             raise VersionError(f"unknown teacher version {version!r} in {self.db_path}")
         return info
 
-    def _require_writing(self, conn: sqlite3.Connection, version: str) -> VersionInfo:
-        info = self._require(conn, version)
-        if info.status != "writing":
-            raise VersionError(f"version {version!r} is {info.status}; it can no longer be written")
-        return info
-
     @staticmethod
     def _current(conn: sqlite3.Connection) -> str | None:
         row = conn.execute("SELECT version FROM pointers WHERE name = 'current'").fetchone()
@@ -168,15 +165,46 @@ class EmbeddedStore:
 
     @staticmethod
     def _select(
-        conn: sqlite3.Connection, sql: str, version: str, ids: Sequence[str]
+        conn: sqlite3.Connection, sql: str, version: str, ids: Sequence[str],
+        max_seq: int | None = None,
     ) -> dict[str, bytes]:
-        """Run ``sql`` (with ``{marks}`` for the id list) over id chunks; id -> 2nd column."""
+        """Run ``sql`` (``{marks}`` for the id list) over id chunks; id -> 2nd column.
+
+        With ``max_seq``, rows appended after that sequence number are left out.
+        """
         found: dict[str, bytes] = {}
         unique = list(dict.fromkeys(ids))
-        for chunk in _chunks(unique):
+        tail = () if max_seq is None else (max_seq,)
+        if max_seq is not None:
+            sql += " AND seq <= ?"
+        for chunk in chunks(unique, _SQL_CHUNK):
             marks = ",".join("?" * len(chunk))
-            found.update(conn.execute(sql.format(marks=marks), (version, *chunk)).fetchall())
+            found.update(conn.execute(sql.format(marks=marks), (version, *chunk, *tail)).fetchall())
         return found
+
+    def _insert(
+        self, conn: sqlite3.Connection, table: str, key: str, version: str,
+        rows: Sequence[tuple[str, bytes]],
+    ) -> int:
+        """Write ``(id, blob)`` rows of one version; see :class:`stores.base.CandidateStore`."""
+        info = self._require(conn, version)
+        column = "vec" if table == "embeddings" else "rec"
+        if info.status == "writing":
+            conn.executemany(f"INSERT OR REPLACE INTO {table} (version, {key}, {column}) "
+                             "VALUES (?, ?, ?)", ((version, i, b) for i, b in rows))
+            return len(rows)
+        present = self._select(conn, f"SELECT {key}, 1 FROM {table} WHERE version = ? AND "
+                               f"{key} IN ({{marks}})", version, [i for i, _ in rows])
+        new = [(i, b) for i, b in dict(rows).items() if i not in present]
+        seq = info.sequence
+        conn.executemany(f"INSERT INTO {table} (version, {key}, {column}, seq) VALUES (?, ?, ?, ?)",
+                         ((version, i, b, seq + n) for n, (i, b) in enumerate(new, start=1)))
+        if new:
+            counts = {**info.counts, table: info.counts.get(table, 0) + len(new)}
+            grown = info.model_copy(update={"sequence": seq + len(new), "counts": counts})
+            conn.execute("UPDATE versions SET info = ? WHERE version = ?",
+                         (grown.model_dump_json(), version))
+        return len(new)
 
     # ------------------------------------------------------------------ candidates
     def put_texts(self, texts: Mapping[str, str]) -> None:
@@ -190,39 +218,39 @@ class EmbeddedStore:
     def get_texts(self, ids: Sequence[str]) -> list[str | None]:
         found: dict[str, str] = {}
         with self._tx(write=False) as conn:
-            for chunk in _chunks(list(dict.fromkeys(ids))):
+            for chunk in chunks(list(dict.fromkeys(ids)), _SQL_CHUNK):
                 marks = ",".join("?" * len(chunk))
                 sql = f"SELECT id, text FROM texts WHERE id IN ({marks})"
                 found.update(conn.execute(sql, tuple(chunk)).fetchall())
         return [found.get(i) for i in ids]
 
-    def put_embeddings(self, version: str, ids: Sequence[str], embeddings: np.ndarray) -> None:
+    def put_embeddings(self, version: str, ids: Sequence[str], embeddings: np.ndarray) -> int:
         info = self.get_version(version)
         if info is None:
             raise VersionError(f"unknown teacher version {version!r} in {self.db_path}")
         check_embeddings(version, info.dim, ids, embeddings)
         blobs = encode_vectors(embeddings, info.embedding_dtype)
         with self._tx(write=True) as conn:
-            self._require_writing(conn, version)
-            conn.executemany(
-                "INSERT OR REPLACE INTO embeddings (version, id, vec) VALUES (?, ?, ?)",
-                ((version, i, b) for i, b in zip(ids, blobs, strict=True)),
-            )
+            return self._insert(conn, "embeddings", "id", version,
+                                list(zip(ids, blobs, strict=True)))
 
-    def get_embeddings(self, version: str, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def get_embeddings(self, version: str, ids: Sequence[str], max_seq: int | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
         with self._tx(write=False) as conn:
             info = self._require(conn, version)
             sql = "SELECT id, vec FROM embeddings WHERE version = ? AND id IN ({marks})"
-            found = self._select(conn, sql, version, ids)
+            found = self._select(conn, sql, version, ids, max_seq)
         return decode_vectors([found.get(i) for i in ids], info.dim)
 
-    def has_embeddings(self, version: str, ids: Sequence[str]) -> np.ndarray:
-        return self._has("embeddings", "id", version, ids)
+    def has_embeddings(self, version: str, ids: Sequence[str], max_seq: int | None = None
+                       ) -> np.ndarray:
+        return self._has("embeddings", "id", version, ids, max_seq)
 
-    def _has(self, table: str, column: str, version: str, ids: Sequence[str]) -> np.ndarray:
+    def _has(self, table: str, column: str, version: str, ids: Sequence[str],
+             max_seq: int | None) -> np.ndarray:
         sql = f"SELECT {column}, 1 FROM {table} WHERE version = ? AND {column} IN ({{marks}})"
         with self._tx(write=False) as conn:
-            found = self._select(conn, sql, version, ids)
+            found = self._select(conn, sql, version, ids, max_seq)
         return np.fromiter((i in found for i in ids), dtype=bool, count=len(ids))
 
     def iter_candidate_ids(self, version: str) -> Iterator[str]:
@@ -240,14 +268,14 @@ class EmbeddedStore:
             last = rows[-1][0]
 
     # ------------------------------------------------------------------ labels
-    def put_labels(self, records: Sequence[SoftLabelRecord]) -> None:
+    def put_labels(self, records: Sequence[SoftLabelRecord]) -> int:
         rows = self._encode_records(records)
-        with self._tx(write=True) as conn:
-            for version in {r[0] for r in rows}:
-                self._require_writing(conn, version)
-            conn.executemany(
-                "INSERT OR REPLACE INTO labels (version, query_id, rec) VALUES (?, ?, ?)", rows
-            )
+        written = 0
+        with self._tx(write=True) as conn:  # every version's rows in one transaction
+            for version in dict.fromkeys(r[0] for r in rows):
+                mine = [(q, b) for v, q, b in rows if v == version]
+                written += self._insert(conn, "labels", "query_id", version, mine)
+        return written
 
     def _encode_records(self, records: Iterable[SoftLabelRecord]) -> list[tuple[str, str, bytes]]:
         infos: dict[str, VersionInfo] = {}
@@ -263,9 +291,10 @@ class EmbeddedStore:
             )
         return rows
 
-    def get_labels(self, version: str, query_ids: Sequence[str]) -> list[SoftLabelRecord | None]:
+    def get_labels(self, version: str, query_ids: Sequence[str], max_seq: int | None = None
+                   ) -> list[SoftLabelRecord | None]:
         with self._tx(write=False) as conn:
-            found = self._select(conn, self._LABELS_SQL, version, query_ids)
+            found = self._select(conn, self._LABELS_SQL, version, query_ids, max_seq)
         return self._decode_labels(found, query_ids)
 
     _LABELS_SQL = "SELECT query_id, rec FROM labels WHERE version = ? AND query_id IN ({marks})"
@@ -277,8 +306,9 @@ class EmbeddedStore:
         decoded = {q: decode_label(blob) for q, blob in found.items()}
         return [decoded.get(q) for q in query_ids]
 
-    def has_labels(self, version: str, query_ids: Sequence[str]) -> np.ndarray:
-        return self._has("labels", "query_id", version, query_ids)
+    def has_labels(self, version: str, query_ids: Sequence[str], max_seq: int | None = None
+                   ) -> np.ndarray:
+        return self._has("labels", "query_id", version, query_ids, max_seq)
 
     # ------------------------------------------------------------------ manifest
     def begin_version(self, info: VersionInfo) -> None:
@@ -291,7 +321,7 @@ class EmbeddedStore:
                     (info.teacher_version, info.model_dump_json()),
                 )
                 return
-        _check_resume(existing, info)
+        check_resume(existing, info)
 
     def complete_version(self, version: str, counts: Mapping[str, int] | None = None) -> None:
         with self._tx(write=True) as conn:
@@ -304,7 +334,7 @@ class EmbeddedStore:
                     "SELECT COUNT(*) FROM labels WHERE version = ?", (version,)
                 ).fetchone()[0],
             }
-            done = _completed(info, measured, counts)
+            done = completed_info(info, measured, counts)
             conn.execute(
                 "UPDATE versions SET info = ? WHERE version = ?", (done.model_dump_json(), version)
             )
@@ -395,29 +425,3 @@ class EmbeddedStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _check_resume(existing: VersionInfo, info: VersionInfo) -> None:
-    """Resuming a version is fine; reusing its name for a different teacher is not."""
-    fields = ("model", "dim", "logit_scale", "embedding_dtype")
-    diff = {
-        f: (getattr(existing, f), getattr(info, f))
-        for f in fields
-        if getattr(existing, f) != getattr(info, f)
-    }
-    if diff:
-        detail = ", ".join(f"{f}: stored {a!r} != given {b!r}" for f, (a, b) in diff.items())
-        raise VersionError(f"version {info.teacher_version!r} exists with different {detail}")
-
-
-def _completed(
-    info: VersionInfo, measured: Mapping[str, int], counts: Mapping[str, int] | None
-) -> VersionInfo:
-    """The manifest entry marked complete; measured counts, overridden by the caller's."""
-    return info.model_copy(
-        update={
-            "status": "complete",
-            "completed_at": info.completed_at or _now(),
-            "counts": {**info.counts, **measured, **(counts or {})},
-        }
-    )

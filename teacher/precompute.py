@@ -1,6 +1,6 @@
 """Precompute the teacher's candidate embeddings and soft labels into a store.
 
-Work is chunked and *resumable*: before encoding, the store is asked which
+Work is chunked, *resumable* and *additive*: before encoding, the store is asked which
 candidate embeddings and label records of this teacher version already exist,
 and only the rest is done, so re-running after an interruption finishes the job
 without redoing it. Writes go through a one-thread executor so encoding (CPU)
@@ -87,9 +87,16 @@ def precompute(
     progress: bool = True,
     on_chunk: Callable[[str, int], None] | None = None,
 ) -> PrecomputeStats:
-    """Write candidate texts + embeddings and one soft-label record per query."""
+    """Write candidate texts + embeddings and one soft-label record per query.
+
+    Into a new (or half-written) version, then marked complete; into a version that
+    is complete already, what it lacks is *appended* (new candidates and queries
+    only, with sequence numbers; nothing it holds is overwritten).
+    """
     version = teacher.version
     store.begin_version(version_info(teacher, embedding_dtype))
+    existing = store.get_version(version)
+    appending = existing is not None and existing.status == "complete"
     stats = PrecomputeStats()
     start = time.perf_counter()
     writer = _Writer()
@@ -102,9 +109,10 @@ def precompute(
     finally:
         writer.close()
     stats.seconds = time.perf_counter() - start
-    counts = {f"{s}_queries": v["queries"] for s, v in stats.per_split.items()}
-    counts["candidates"] = stats.candidates_total
-    store.complete_version(version, counts)
+    if not appending:  # an appended version keeps its counts; the store adds the new records
+        counts = {f"{s}_queries": v["queries"] for s, v in stats.per_split.items()}
+        counts["candidates"] = stats.candidates_total
+        store.complete_version(version, counts)
     if make_current:
         store.set_current(version)
     return stats

@@ -257,9 +257,10 @@ def test_embedding_writes_are_checked(store: Store) -> None:
         store.put_embeddings("v1", ["a"], np.ones((2, DIM)))
     with pytest.raises(VersionError, match="unknown"):
         store.get_embeddings("v2", ["a"])
-    store.complete_version("v1")
-    with pytest.raises(VersionError, match="complete"):
-        store.put_embeddings("v1", ["a"], np.ones((1, DIM)))
+    store.complete_version("v1")  # complete versions take new ids (appends), checked alike
+    with pytest.raises(ValueError, match="shape"):
+        store.put_embeddings("v1", ["a"], np.ones((1, DIM + 1)))
+    assert store.put_embeddings("v1", ["a"], np.ones((1, DIM))) == 1
 
 
 def test_labels_round_trip(store: Store) -> None:
