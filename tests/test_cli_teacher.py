@@ -86,3 +86,17 @@ def test_store_pin_and_unpin_commands(tmp_path: Path) -> None:
     assert res.exit_code == 0 and "unpinned v1 for me" in res.output, res.output
     with EmbeddedStore(tmp_path / "h" / "store") as store:
         assert store.pins("v1") == set()
+
+
+def test_store_pins_lists_pins_and_leases_with_age(tmp_path: Path) -> None:
+    from stores.base import VersionInfo
+    from stores.embedded import EmbeddedStore
+
+    with EmbeddedStore(tmp_path / "h" / "store") as store:
+        store.begin_version(VersionInfo(teacher_version="v1", model="m", logit_scale=20.0, dim=4))
+        store.pin("v1", "student:abc")
+        store.lease("v1", "trainer:default", ttl_s=120)
+    res = runner.invoke(app, ["--home", str(tmp_path / "h"), "store", "pins"])
+    assert res.exit_code == 0, res.output
+    assert "student:abc" in res.output and "trainer:default" in res.output
+    assert "durable" in res.output and "lease" in res.output and "expires in" in res.output

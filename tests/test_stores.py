@@ -385,6 +385,43 @@ def test_pins_block_delete(store: Store) -> None:
     store.delete_version("v1")  # idempotent
 
 
+def test_leases_run_out_and_durable_pins_stay(store: Store) -> None:
+    """A running process holds a *lease* it renews; a SIGKILLed one leaves nothing
+    permanent. A saved artifact holds a *durable pin* until it is deleted."""
+    for v in ("v1", "v2", "v3"):
+        complete(store, v)
+    store.set_current("v3")
+    with pytest.raises(VersionError, match="unknown"):
+        store.lease("nope", "trainer:a", ttl_s=5)
+    first = store.lease("v1", "trainer:a", ttl_s=0.4)
+    assert first.owner == "trainer:a" and first.expires_at > first.created_at
+    with pytest.raises(VersionError, match="leased by trainer:a"):
+        store.delete_version("v1")
+    renewed = store.lease("v1", "trainer:a", ttl_s=60)  # renewal keeps the lease's age
+    assert renewed.created_at == first.created_at and renewed.expires_at > first.expires_at
+    store.release("v1", "trainer:a")
+    assert store.holds("v1") == []
+    store.lease("v1", "distill:4242", ttl_s=0.2)  # its holder is SIGKILLed: never renewed
+    time.sleep(0.35)
+    assert store.holds("v1") == []  # expired, collected
+    store.delete_version("v1")
+    assert store.get_version("v1") is None
+
+    store.pin("v2", "student:s1")
+    store.lease("v2", "server:a", ttl_s=60)
+    holds = {(h.kind, h.owner): h for h in store.holds("v2")}
+    assert set(holds) == {("pin", "student:s1"), ("lease", "server:a")}
+    assert holds[("pin", "student:s1")].expires_at is None
+    assert all(0 <= time.time() - h.created_at < 30 for h in holds.values())
+    store.release("v2", "server:a")
+    with pytest.raises(VersionError, match="pinned"):
+        store.delete_version("v2")  # a durable pin does not run out
+    store.unpin("v2", "student:s1")
+    store.delete_version("v2")
+    with pytest.raises(VersionError, match="current"):
+        store.delete_version("v3")  # the current version is never collected
+
+
 def test_read_current_labels(store: Store) -> None:
     with pytest.raises(VersionError, match="no current"):
         store.read_current_labels(["q0"])
