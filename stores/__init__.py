@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from stores.base import (
     CandidateStore,
+    Hold,
     LabelStore,
     SoftLabelRecord,
     Store,
@@ -30,6 +31,7 @@ __all__ = [
     "CandidateStore",
     "CodecError",
     "EmbeddedStore",
+    "Hold",
     "LabelStore",
     "RedisStore",
     "SoftLabelRecord",

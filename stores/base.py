@@ -83,6 +83,25 @@ class SoftLabelRecord(BaseModel):
         return (p / p.sum()).astype(np.float32)
 
 
+class Hold(BaseModel):
+    """Something that keeps a version from being deleted or expired.
+
+    ``pin``: durable, held by a saved artifact (a registered student, a serving
+    bundle) and removed only with it. ``lease``: held by a *running* process (a
+    distillation, a trainer, a server) that renews it before ``expires_at``; a
+    process that dies stops renewing, and its lease runs out on its own.
+    """
+
+    version: str
+    kind: Literal["pin", "lease"]
+    owner: str
+    created_at: float = Field(description="unix seconds")
+    expires_at: float | None = Field(None, description="unix seconds; None for a pin")
+
+    def live(self, now: float) -> bool:
+        return self.expires_at is None or self.expires_at > now
+
+
 @runtime_checkable
 class CandidateStore(Protocol):
     """Candidate texts (any version) and the teacher's candidate embeddings (per version).
@@ -128,11 +147,23 @@ class VersionManifest(Protocol):
         """Atomically make a *complete* version current (VersionError otherwise)."""
         ...
     def current(self) -> str | None: ...
-    def pin(self, version: str, consumer: str) -> None: ...
+    def pin(self, version: str, consumer: str) -> None:
+        """A durable pin (see :class:`Hold`); VersionError for an unknown version."""
+        ...
     def unpin(self, version: str, consumer: str) -> None: ...
-    def pins(self, version: str) -> set[str]: ...
+    def pins(self, version: str) -> set[str]:
+        """Owners of the durable pins of ``version``."""
+        ...
+    def lease(self, version: str, owner: str, ttl_s: float) -> Hold:
+        """Take or renew ``owner``'s lease for ``ttl_s`` seconds from now (see :class:`Hold`)."""
+        ...
+    def release(self, version: str, owner: str) -> None: ...
+    def holds(self, version: str) -> list[Hold]:
+        """Durable pins and live leases of ``version``; expired leases are collected."""
+        ...
     def delete_version(self, version: str) -> None:
-        """Delete a version's embeddings and labels; VersionError if pinned or current."""
+        """Delete a version's embeddings and labels; VersionError if current, pinned or
+        leased (live leases only)."""
         ...
     def read_current_labels(self, query_ids: Sequence[str]) -> tuple[str, list[SoftLabelRecord | None]]:
         """Resolve the current version and read labels from it, consistently."""

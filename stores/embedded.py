@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from stores.base import (
+    Hold,
     SoftLabelRecord,
     StoreError,
     StoreUnavailable,
@@ -44,7 +46,7 @@ from stores.codec import (
     encode_vectors,
 )
 
-SCHEMA_VERSION = 2  # 2: seq columns (records appended to complete versions)
+SCHEMA_VERSION = 3  # 2: seq columns (appends to complete versions); 3: pin ages, leases
 DB_NAME = "store.sqlite"
 _SQL_CHUNK = 500  # ids per "IN (...)": far below SQLite's variable limit
 _PAGE = 1000  # ids per page of iter_candidate_ids: short read transactions
@@ -60,7 +62,11 @@ CREATE TABLE IF NOT EXISTS labels (
 CREATE TABLE IF NOT EXISTS versions (version TEXT PRIMARY KEY, info TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS pointers (name TEXT PRIMARY KEY, version TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS pins (
-    version TEXT NOT NULL, consumer TEXT NOT NULL, PRIMARY KEY (version, consumer));
+    version TEXT NOT NULL, consumer TEXT NOT NULL, created_at REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (version, consumer));
+CREATE TABLE IF NOT EXISTS leases (
+    version TEXT NOT NULL, owner TEXT NOT NULL, created_at REAL NOT NULL,
+    expires_at REAL NOT NULL, PRIMARY KEY (version, owner));
 """
 
 # Connections inherited over fork(): kept referenced so the child never closes them
@@ -145,6 +151,8 @@ class EmbeddedStore:
             if found == 1:  # a store written before appends: every record is sequence 0
                 for table in ("embeddings", "labels"):
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
+            if found in (1, 2):  # pins from before pin ages: age unknown (0 = the epoch)
+                conn.execute("ALTER TABLE pins ADD COLUMN created_at REAL NOT NULL DEFAULT 0")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @staticmethod
@@ -369,9 +377,8 @@ class EmbeddedStore:
     def pin(self, version: str, consumer: str) -> None:
         with self._tx(write=True) as conn:
             self._require(conn, version)
-            conn.execute(
-                "INSERT OR IGNORE INTO pins (version, consumer) VALUES (?, ?)", (version, consumer)
-            )
+            conn.execute("INSERT OR IGNORE INTO pins (version, consumer, created_at) "
+                         "VALUES (?, ?, ?)", (version, consumer, time.time()))
 
     def unpin(self, version: str, consumer: str) -> None:
         with self._tx(write=True) as conn:
@@ -381,6 +388,34 @@ class EmbeddedStore:
         with self._tx(write=False) as conn:
             rows = conn.execute("SELECT consumer FROM pins WHERE version = ?", (version,))
             return {r[0] for r in rows}
+
+    def lease(self, version: str, owner: str, ttl_s: float) -> Hold:
+        now = time.time()
+        with self._tx(write=True) as conn:
+            self._require(conn, version)
+            row = conn.execute("SELECT created_at, expires_at FROM leases WHERE version = ? AND "
+                               "owner = ?", (version, owner)).fetchone()
+            created = row[0] if row is not None and row[1] > now else now
+            conn.execute("INSERT OR REPLACE INTO leases (version, owner, created_at, expires_at) "
+                         "VALUES (?, ?, ?, ?)", (version, owner, created, now + ttl_s))
+        return Hold(version=version, kind="lease", owner=owner, created_at=created,
+                    expires_at=now + ttl_s)
+
+    def release(self, version: str, owner: str) -> None:
+        with self._tx(write=True) as conn:
+            conn.execute("DELETE FROM leases WHERE version = ? AND owner = ?", (version, owner))
+
+    def holds(self, version: str) -> list[Hold]:
+        with self._tx(write=True) as conn:
+            conn.execute("DELETE FROM leases WHERE version = ? AND expires_at <= ?",
+                         (version, time.time()))
+            pins = conn.execute("SELECT consumer, created_at FROM pins WHERE version = ?",
+                                (version,)).fetchall()
+            leases = conn.execute("SELECT owner, created_at, expires_at FROM leases WHERE "
+                                  "version = ?", (version,)).fetchall()
+        return ([Hold(version=version, kind="pin", owner=o, created_at=c) for o, c in pins]
+                + [Hold(version=version, kind="lease", owner=o, created_at=c, expires_at=e)
+                   for o, c, e in leases])
 
     def delete_version(self, version: str) -> None:
         """Delete a version's data and manifest entry; a no-op for an unknown version."""
@@ -393,7 +428,12 @@ class EmbeddedStore:
             ]
             if pins:
                 raise VersionError(f"version {version!r} is pinned by {sorted(pins)}")
-            for table in ("embeddings", "labels", "versions"):
+            leased = [r[0] for r in conn.execute(
+                "SELECT owner FROM leases WHERE version = ? AND expires_at > ?",
+                (version, time.time()))]
+            if leased:
+                raise VersionError(f"version {version!r} is leased by {', '.join(sorted(leased))}")
+            for table in ("embeddings", "labels", "leases", "versions"):
                 conn.execute(f"DELETE FROM {table} WHERE version = ?", (version,))
 
     def read_current_labels(

@@ -18,6 +18,7 @@ from stores.base import StoreError, VersionError, VersionInfo, chunks
 from stores.redis_scripts import (
     APPEND_LUA,
     DELETE_LUA,
+    LEASE_LUA,
     PIN_LUA,
     READ_CURRENT_LUA,
     SET_CURRENT_LUA,
@@ -64,6 +65,7 @@ class RedisIO:
         self._set_current_script = self._client.register_script(SET_CURRENT_LUA)
         self._delete_script = self._client.register_script(DELETE_LUA)
         self._pin_script = self._client.register_script(PIN_LUA)
+        self._lease_script = self._client.register_script(LEASE_LUA)
         self._append_script = self._client.register_script(APPEND_LUA)
         self._read_current_script = self._client.register_script(READ_CURRENT_LUA)
         try:

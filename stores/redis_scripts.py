@@ -40,7 +40,8 @@ redis.call('SET', KEYS[2], ARGV[1])
 return 1
 """
 
-# ARGV[1] = version. KEYS: versions hash, current, pins set. Removes the manifest entry
+# ARGV = version, now (unix s). KEYS: versions hash, current, pins set, leases hash, pin-age
+# hash. Refuses while current, pinned or leased (live leases only). Removes the manifest entry
 # *first*, so a reader that then misses keys knows the version is gone and retries.
 DELETE_LUA = """
 if redis.call('GET', KEYS[2]) == ARGV[1] then
@@ -50,6 +51,18 @@ if redis.call('SCARD', KEYS[3]) > 0 then
   return redis.error_reply('VERSION version ' .. ARGV[1] .. ' is pinned by '
     .. table.concat(redis.call('SMEMBERS', KEYS[3]), ','))
 end
+local leases = redis.call('HGETALL', KEYS[4])
+local live = {}
+for i = 1, #leases, 2 do
+  local expires = tonumber(string.match(leases[i + 1], ',(.*)$'))
+  if expires and expires > tonumber(ARGV[2]) then live[#live + 1] = leases[i] end
+end
+if #live > 0 then
+  table.sort(live)
+  return redis.error_reply('VERSION version ' .. ARGV[1] .. ' is leased by '
+    .. table.concat(live, ', '))
+end
+redis.call('DEL', KEYS[4], KEYS[5])
 return redis.call('HDEL', KEYS[1], ARGV[1])
 """
 
@@ -71,12 +84,29 @@ end
 return {v, out}
 """
 
-# ARGV = version, consumer. KEYS: versions hash, pins set.
+# ARGV = version, consumer, now. KEYS: versions hash, pins set, pin-age hash.
 PIN_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
   return redis.error_reply('VERSION unknown teacher version ' .. ARGV[1])
 end
+redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[3])
 return redis.call('SADD', KEYS[2], ARGV[2])
+"""
+
+# ARGV = version, owner, now, expires (unix s). KEYS: versions hash, leases hash. A lease is
+# "created,expires"; renewing a live lease keeps its creation time. Returns the creation time.
+LEASE_LUA = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+  return redis.error_reply('VERSION unknown teacher version ' .. ARGV[1])
+end
+local created = ARGV[3]
+local old = redis.call('HGET', KEYS[2], ARGV[2])
+if old then
+  local c, e = string.match(old, '^(.*),(.*)$')
+  if tonumber(e) > tonumber(ARGV[3]) then created = c end
+end
+redis.call('HSET', KEYS[2], ARGV[2], created .. ',' .. ARGV[4])
+return created
 """
 
 

@@ -10,7 +10,9 @@ Key layout (``ns`` = namespace, ``v`` = teacher version)::
                                   after the version was complete (absent: 0)
     ns:versions                   hash: version -> VersionInfo JSON
     ns:current                    the current version
-    ns:pins:{v}                   set of consumers pinning v
+    ns:pins:{v}                   set of consumers holding a durable pin on v
+    ns:pinned_at:{v}              hash: consumer -> unix time the pin was taken
+    ns:leases:{v}                 hash: owner -> "created,expires" (unix s) of a lease on v
     ns:expiring                   hash: version -> ISO deadline, for versions given a TTL
 
 Why this shape: a version's records never change once written (a complete
@@ -26,6 +28,7 @@ Needs Redis >= 7.0 (``EXPIRE ... NX``; ``SMISMEMBER`` needs 6.2).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -33,6 +36,7 @@ import numpy as np
 import redis
 
 from stores.base import (
+    Hold,
     SoftLabelRecord,
     VersionError,
     VersionInfo,
@@ -213,17 +217,52 @@ class RedisStore(RedisIO):
     @guarded
     def pin(self, version: str, consumer: str) -> None:
         self._pin_script(
-            keys=[self._k("versions"), self._k("pins", version)], args=[version, consumer]
+            keys=[self._k("versions"), self._k("pins", version), self._k("pinned_at", version)],
+            args=[version, consumer, repr(time.time())],
         )
         self._persist_if_expiring(version, forget=True)
 
     @guarded
     def unpin(self, version: str, consumer: str) -> None:
-        self._client.srem(self._k("pins", version), consumer)
+        pipe = self._client.pipeline(transaction=True)
+        pipe.srem(self._k("pins", version), consumer)
+        pipe.hdel(self._k("pinned_at", version), consumer)
+        pipe.execute()
 
     @guarded
     def pins(self, version: str) -> set[str]:
         return {m.decode("utf-8") for m in self._client.smembers(self._k("pins", version))}
+
+    @guarded
+    def lease(self, version: str, owner: str, ttl_s: float) -> Hold:
+        now = time.time()
+        created = self._lease_script(keys=[self._k("versions"), self._k("leases", version)],
+                                     args=[version, owner, repr(now), repr(now + ttl_s)])
+        self._persist_if_expiring(version, forget=True)
+        return Hold(version=version, kind="lease", owner=owner, created_at=float(created),
+                    expires_at=now + ttl_s)
+
+    @guarded
+    def release(self, version: str, owner: str) -> None:
+        self._client.hdel(self._k("leases", version), owner)
+
+    @guarded
+    def holds(self, version: str) -> list[Hold]:
+        now = time.time()
+        out, expired = [], []
+        for owner, raw in self._client.hgetall(self._k("leases", version)).items():
+            created, expires = (float(x) for x in raw.decode().split(","))
+            if expires > now:
+                out.append(Hold(version=version, kind="lease", owner=owner.decode("utf-8"),
+                                created_at=created, expires_at=expires))
+            else:
+                expired.append(owner)
+        if expired:
+            self._client.hdel(self._k("leases", version), *expired)
+        ages = self._client.hgetall(self._k("pinned_at", version))
+        pins = [Hold(version=version, kind="pin", owner=c, created_at=float(ages.get(c.encode(), 0)))
+                for c in sorted(self.pins(version))]
+        return pins + out
 
     @guarded
     def delete_version(self, version: str) -> None:
@@ -232,8 +271,9 @@ class RedisStore(RedisIO):
         Idempotent: an unknown version only has leftover keys removed.
         """
         self._delete_script(
-            keys=[self._k("versions"), self._k("current"), self._k("pins", version)],
-            args=[version],
+            keys=[self._k("versions"), self._k("current"), self._k("pins", version),
+                  self._k("leases", version), self._k("pinned_at", version)],
+            args=[version, repr(time.time())],
         )
         self._apply(version, "unlink")
         self._client.hdel(self._k("expiring"), version)
@@ -295,7 +335,8 @@ class RedisStore(RedisIO):
         return stale
 
     def _protected(self, version: str) -> bool:
-        return self.current() == version or bool(self._client.scard(self._k("pins", version)))
+        return (self.current() == version or bool(self._client.scard(self._k("pins", version)))
+                or any(h.kind == "lease" for h in self.holds(version)))
 
     def _reap_expired(self) -> None:
         """Forget versions whose deadline passed and whose data Redis has dropped."""
