@@ -98,9 +98,10 @@ def fill_store(settings: Settings, specs: list[QuerySpec], texts: dict[str, str]
 def asym_student(settings: Settings, specs: list[QuerySpec], texts: dict[str, str],
                  path: Path) -> Path:
     """An untrained ``asym-bow`` student (random table) on the synthetic version, saved."""
+    from codistill.config import DistillConfig
     from codistill.ranking import RankingExample
     from student.asym import StoreCandidates
-    from student.distill import DistillConfig, build_student
+    from student.build import build_student
 
     examples = [RankingExample(query=q.query, query_id=q.query_id,
                                candidates=[texts[c] for c in q.candidate_ids],

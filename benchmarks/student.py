@@ -31,8 +31,9 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from benchmarks.common import machine, write_result  # noqa: E402
-from codistill.config import load_settings  # noqa: E402
-from student.distill import EVAL_SPLITS, DistillConfig, distill  # noqa: E402
+from codistill.config import DistillConfig, load_settings  # noqa: E402
+from student.distill import distill  # noqa: E402
+from student.evaluation import EVAL_SPLITS  # noqa: E402
 from tasks import dataset as ds  # noqa: E402
 from tasks.build import build_dataset  # noqa: E402
 from teacher import workflow as wf  # noqa: E402

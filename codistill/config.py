@@ -84,14 +84,23 @@ class StreamSettings(BaseModel):
 
 
 class DistillConfig(BaseModel):
-    """Recipe of an offline distillation run (part of the student version).
+    """Recipe of an offline distillation run (``settings.distill``; part of the student version).
+
+    Read by ``student.distill.distill`` and ``student.training.fit``; the loss these
+    fields weight is described in ``student.training``. ``recipe()`` is the part that
+    shapes the weights and so enters the student version; ``threads``,
+    ``track_valid`` and ``measure_speed`` only change how the run is executed and
+    reported.
 
     Small sets need more epochs: ``epochs`` counts passes, and 200 train queries
-    make only 7 steps a pass (``small`` wants ~60).
+    make only 7 steps a pass (``small`` wants ~60). ``time_budget_s`` caps the
+    training loop's wall clock: after the first epoch the plan shrinks to the
+    epochs that fit, so a capped run is not reproducible across machines (the
+    benchmark sets it to 1e9).
 
-    ``threads`` defaults to 1: the ops are small, and on a shared 2-core machine
-    OpenMP threads spin against other jobs (a training step measured 34 ms on one
-    thread and 840 ms on two while another process was encoding).
+    ``threads`` defaults to 1: the ops are small, and on a shared machine OpenMP
+    threads spin against other jobs. Measured results of the default recipe:
+    ``benchmarks/results/student-demo.json``.
     """
 
     epochs: int = Field(10, ge=1)
@@ -142,7 +151,11 @@ class BackoffConfig(BaseModel):
 
 
 class OnlineTrainerConfig(BaseModel):
-    """Everything the online trainer needs beyond :class:`codistill.config.Settings`."""
+    """The online trainer (``codistill student online``; section ``online`` of ``Settings``).
+
+    ``batch_size``, ``alpha``, ``temperature``, ``eta`` and ``lr`` shape the updates;
+    the rest say where state lives, when to stop and how to retry.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -158,7 +171,7 @@ class OnlineTrainerConfig(BaseModel):
     eta: float = Field(1.0, ge=0, description="position-bias exponent; 0 = naive clicks")
     max_ipw_weight: float = Field(10.0, ge=1)
     lr: float = Field(3e-3, gt=0, description="3e-3 trains a student from scratch; a warm start "
-                      "from a distilled student wants ~1e-4 (see student.online_demo)")
+                      "from a distilled student wants ~1e-4 (see codistill.app.online_demo)")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(5.0, gt=0)
     seed: int = 0
@@ -183,13 +196,13 @@ class OnlineTrainerConfig(BaseModel):
     query_max_len: int = Field(64, ge=1)
     candidate_max_len: int = Field(128, ge=1, description="subwords; the teacher reads 128")
     token_cache: int = Field(200_000, ge=0, description="texts whose subword ids are cached "
-                             "(a stream repeats candidates; encoding was ~80% of a step); 0 = off")
+                             "(a stream shows the same candidates again and again); 0 = off")
     vocab_from_data: bool = Field(True, description="also fit the vocabulary on train-split "
                                   "queries when HOME/data/SIZE/train.jsonl exists")
     threads: int | None = Field(
         1, ge=1, description="torch intra-op threads; None = settings.threads. 1 by default: "
-        "a BoW step is many small ops, and on a busy 2-core machine OpenMP barriers made "
-        "backward ~30x slower with 2 threads than with 1 (measured)")
+        "a BoW step is many small ops, and OpenMP threads on a busy machine spend more "
+        "time waiting at barriers than computing")
     deterministic: bool = True
     backoff: BackoffConfig = BackoffConfig()
 

@@ -18,10 +18,13 @@ ID_HEX_CHARS = 16  # 64 bits: collision-free in practice for corpora below ~10^8
 
 
 def normalize_code(code: str) -> str:
-    """Normalize code for hashing and deduplication.
+    r"""Normalize code for hashing and deduplication.
 
     Dedent, drop blank lines and trailing whitespace, collapse runs of spaces and
     tabs: formatting-only differences must not create new candidates.
+
+    >>> normalize_code("    def f(x):\n\n        return  x   \n")
+    'def f(x):\n    return x'
     """
     code = textwrap.dedent(code.replace("\r\n", "\n").replace("\r", "\n"))
     lines = (_WS.sub(" ", line.rstrip()) for line in code.split("\n"))
@@ -33,7 +36,11 @@ def _digest(text: str) -> str:
 
 
 def candidate_id(code: str) -> str:
-    """Mandatory candidate id: ``c`` + hash of the normalized code."""
+    r"""Mandatory candidate id: ``c`` + hash of the normalized code.
+
+    >>> candidate_id("def f():\n    pass") == candidate_id("  def f():\n      pass  \n")
+    True
+    """
     return "c" + _digest(normalize_code(code))
 
 

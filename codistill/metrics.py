@@ -17,17 +17,53 @@ DEFAULT_METRICS = ("mrr@10", "ndcg@10", "recall@1", "recall@5", "recall@10")
 
 
 def ranking_order(scores: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Indices by descending score; stable so ties keep candidate order."""
+    """Indices by descending score; stable so ties keep candidate order.
+
+    >>> ranking_order([0.1, 0.9, 0.9]).tolist()
+    [1, 2, 0]
+    """
     return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
 
 
 def mrr_at_k(scores: Sequence[float], labels: Sequence[int], k: int = 10) -> float:
+    """Reciprocal rank of the first relevant candidate within the top ``k`` (else 0).
+
+    Parameters
+    ----------
+    scores
+        One score per candidate; higher ranks first.
+    labels
+        Graded relevance per candidate; ``> 0`` is relevant.
+    k
+        Cut-off.
+
+    Examples
+    --------
+    >>> print(mrr_at_k([0.9, 0.5, 0.7], [0, 1, 0]))
+    0.3333333333333333
+    >>> print(mrr_at_k([0.9, 0.5, 0.7], [0, 1, 0], k=2))
+    0.0
+
+    References
+    ----------
+    Voorhees, E. M. (1999). The TREC-8 Question Answering Track Report.
+    """
     ranked = np.asarray(labels)[ranking_order(scores)][:k]
     hits = np.flatnonzero(ranked > 0)
     return 1.0 / (hits[0] + 1) if hits.size else 0.0
 
 
 def ndcg_at_k(scores: Sequence[float], labels: Sequence[int], k: int = 10) -> float:
+    """NDCG@k with linear gain: ``sum rel_i / log2(i + 1)`` over the ideal order's.
+
+    >>> ndcg_at_k([0.9, 0.1], [0, 1])  # the relevant item at rank 2
+    0.6309297535714575
+
+    References
+    ----------
+    Järvelin, K. and Kekäläinen, J. (2002). Cumulated Gain-Based Evaluation of IR
+    Techniques. ACM TOIS 20(4).
+    """
     rel = np.asarray(labels, dtype=np.float64)
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
     ranked = rel[ranking_order(scores)][:k]
@@ -37,6 +73,11 @@ def ndcg_at_k(scores: Sequence[float], labels: Sequence[int], k: int = 10) -> fl
 
 
 def recall_at_k(scores: Sequence[float], labels: Sequence[int], k: int) -> float:
+    """Share of the relevant candidates found in the top ``k``.
+
+    >>> recall_at_k([0.9, 0.8, 0.1], [1, 0, 1], k=2)
+    0.5
+    """
     rel = np.asarray(labels) > 0
     total = int(rel.sum())
     return float(rel[ranking_order(scores)][:k].sum()) / total if total else 0.0
@@ -68,7 +109,11 @@ def evaluate(
     labels: Iterable[Sequence[int]],
     metrics: Sequence[str] = DEFAULT_METRICS,
 ) -> dict[str, float]:
-    """Mean of each metric over queries; ``n_queries`` included."""
+    """Mean of each metric over queries; ``n_queries`` included.
+
+    >>> evaluate([[0.9, 0.1], [0.2, 0.8]], [[1, 0], [1, 0]], metrics=("mrr@10",))
+    {'mrr@10': 0.75, 'n_queries': 2}
+    """
     pq = per_query(scores, labels, metrics)
     n = len(next(iter(pq.values()))) if pq else 0
     out = {m: float(v.mean()) if n else 0.0 for m, v in pq.items()}

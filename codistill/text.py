@@ -38,6 +38,9 @@ def subword_tokens(text: str) -> list[str]:
     matches "read a file" in a query. Digits stay on the word they follow
     (``sha256``, ``utf8``); one-letter pieces and English stopwords carry no
     retrieval signal and are dropped.
+
+    >>> subword_tokens("def parseHTTPHeader_v2(raw): return a sha256 of it")
+    ['def', 'parse', 'http', 'header', 'v2', 'raw', 'return', 'sha256']
     """
     out = []
     for ident in _IDENT.findall(text):

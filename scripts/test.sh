@@ -14,4 +14,5 @@ export CODISTILL_TEST_REDIS_URL=$(cat .services/redis.address)
 export CODISTILL_TEST_KAFKA=$(cat .services/kafka.address)
 export CODISTILL_TEST_PROMETHEUS=$(cat .services/prometheus.address)
 .venv/bin/ruff check .
+.venv/bin/lint-imports --no-cache
 .venv/bin/python -m pytest -q "$@"

@@ -6,7 +6,9 @@ Importing the package registers the built-in students with ``Student.load``.
 from student.asym import AsymmetricBowStudent, StoreCandidates
 from student.base import BatchScores, CandidateSource, Student, register_student, score_embeddings
 from student.bow import BowConfig, BowStudent
+from student.export import onnx_export
 from student.losses import IPWClickLoss, ListwiseKDLoss, MarginMSELoss, OnlineLoss, OnlineLossParts
+from student.tokenised import TokenisedTexts
 from student.tokenizer import SubwordTokenizer, split_identifiers
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "StoreCandidates",
     "Student",
     "SubwordTokenizer",
+    "TokenisedTexts",
+    "onnx_export",
     "register_student",
     "score_embeddings",
     "split_identifiers",

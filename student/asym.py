@@ -7,10 +7,9 @@ has to encode the *query*, into the teacher's embedding space, and scores
 side keeps the teacher's full quality; the query side is a BoW tower (one gather,
 one matmul) that exports to a single small ONNX graph.
 
-Measured on demo data (valid / test MRR@10, fine-tuned MiniLM teacher at 0.740 /
-0.746, BM25 0.467 / 0.522): 0.668 / 0.669 with the static start of
-``student.static_init``, against 0.55 / 0.49 for the symmetric ``BowStudent`` with
-the same start. ``benchmarks/student.py`` has the table.
+How it compares with the symmetric ``BowStudent`` (each with and without the static
+start of ``student.static_init``), BM25 and the teacher: ``benchmarks/student.py``,
+measured in ``benchmarks/results/student-demo.json``.
 
 The price is a runtime dependency: candidates must be in the store under the
 student's teacher version (``StoreCandidates``), and a student of one teacher
@@ -41,9 +40,17 @@ class StoreCandidates:
     """``CandidateSource`` over a store: the teacher's vectors of one version, by content id.
 
     Texts are mapped to ids with ``candidate_id`` (ids are content hashes, so the
-    mapping needs no lookup table). ``call`` wraps each store read, e.g. with the
-    online trainer's back-off-and-retry, so a store outage is handled where the
-    caller handles the others.
+    mapping needs no lookup table).
+
+    Parameters
+    ----------
+    store : CandidateStore
+        Where ``codistill teacher precompute`` wrote the candidate embeddings.
+    version : str
+        The teacher version (the student's ``teacher_version``).
+    call : callable, optional
+        Wraps each store read, e.g. with the online trainer's back-off-and-retry, so
+        a store outage is handled where the caller handles the others.
     """
 
     def __init__(self, store: CandidateStore, version: str,
@@ -53,7 +60,23 @@ class StoreCandidates:
         self._call = call or (lambda fn: fn())
 
     def embed_ids(self, ids: Sequence[str]) -> Tensor:
-        """float32 ``[n, d]`` teacher embeddings of candidate ids; raises if any is missing."""
+        """The teacher's embeddings of candidate ids.
+
+        Parameters
+        ----------
+        ids : sequence of str
+            Candidate content ids (``codistill.ids.candidate_id``).
+
+        Returns
+        -------
+        Tensor
+            float32 ``[n, d]``, in the order of ``ids``.
+
+        Raises
+        ------
+        MissingCandidateError
+            If any id has no embedding under the version.
+        """
         emb, found = self._call(lambda: self.store.get_embeddings(self.version, list(ids)))
         if len(ids) and not np.all(found):
             missing = [i for i, ok in zip(ids, found, strict=True) if not ok]
@@ -65,12 +88,18 @@ class StoreCandidates:
         return torch.from_numpy(np.asarray(emb, dtype=np.float32))
 
     def embed(self, texts: Sequence[str]) -> Tensor:
+        """``embed_ids`` of the texts' content ids."""
         return self.embed_ids([candidate_id(t) for t in texts])
 
 
 @register_student
 class AsymmetricBowStudent(BowStudent):
-    """BoW query tower into the teacher's space; candidates come from a ``CandidateSource``."""
+    """BoW query tower into the teacher's space; candidates come from a ``CandidateSource``.
+
+    Takes ``BowStudent``'s arguments; ``config`` must keep ``share_embedding`` and
+    ``share_projection`` True (there is one tower), ``candidate_source`` is required
+    and ``out_dim`` must be the teacher's embedding size.
+    """
 
     kind = "asym-bow"
     has_candidate_tower = False

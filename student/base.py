@@ -3,10 +3,13 @@
 A student is a bi-encoder: a *query tower* and a *candidate tower* map token ids
 to L2-normalised embeddings and the score is ``s_S * cosine`` with a learnable
 scale ``s_S`` (stored as ``log_scale``, so it stays positive; initialised near
-the teacher's scale of 20, clamped at ``MAX_SCALE`` as in CLIP). The towers work
-on tensors (``embed_queries`` / ``embed_candidates``) so that ``onnx_export`` can
-write each as an ONNX graph with dynamic batch and sequence axes; everything
-text-level (tokenising, scoring, batching) is written once here.
+the teacher's scale of 20, clamped at ``MAX_SCALE`` as in CLIP [1]_). The towers
+work on tensors (``embed_queries`` / ``embed_candidates``) so that
+``student.export.onnx_export`` can write each as an ONNX graph with dynamic batch
+and sequence axes; everything text-level (tokenising, scoring, batching) is
+written once here. Training loops feed texts tokenised once through
+``embed_tokenised``, which a student may override with a faster equivalent of its
+towers (``BowStudent`` does).
 
 Asymmetric students
 -------------------
@@ -34,17 +37,21 @@ only) work unchanged. A sketch::
 Its ``teacher_version`` must equal the source's version: embeddings of another
 teacher live in another space. Saving writes the query tower only; the source is
 a runtime dependency passed to ``Student.load(dir, candidate_source=...)``.
+
+References
+----------
+.. [1] Radford et al. "Learning Transferable Visual Models From Natural Language
+   Supervision". ICML 2021. https://arxiv.org/abs/2103.00020
 """
 
 from __future__ import annotations
 
 import json
 import math
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -52,16 +59,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from student.tokenised import TokenisedTexts
 from student.tokenizer import SubwordTokenizer
 
 FORMAT = "codistill-student"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-ONNX_QUERY_FILE = "query_encoder.onnx"
-ONNX_CANDIDATE_FILE = "candidate_encoder.onnx"
-ONNX_META_FILE = "onnx.json"
-ONNX_OPSET = 17
 MAX_SCALE = 100.0
 ENCODE_CHUNK = 512  # texts per forward pass in encode_*: bounds memory on large corpora
 
@@ -104,7 +108,27 @@ def needs_candidate_source(kind: str) -> bool:
 
 
 def score_embeddings(q: Tensor, c: Tensor, scale: Tensor | float) -> Tensor:
-    """``scale * cosine(q, c)``: q ``[B, d]`` with c ``[K, d]`` (shared pool) or ``[B, K, d]``."""
+    """``scale * cosine(q, c)`` of queries against a shared pool or per-query lists.
+
+    Parameters
+    ----------
+    q : Tensor
+        ``[B, d]`` query embeddings (normalised here).
+    c : Tensor
+        ``[K, d]`` one pool for every query, or ``[B, K, d]`` a list per query.
+    scale : Tensor or float
+        The logit scale.
+
+    Returns
+    -------
+    Tensor
+        ``[B, K]`` logits.
+
+    Examples
+    --------
+    >>> score_embeddings(torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 0.0], [0.0, 2.0]]), 10.0)
+    tensor([[6., 8.]])
+    """
     q = F.normalize(q, dim=-1)
     c = F.normalize(c, dim=-1)
     if c.dim() == 2:
@@ -112,22 +136,28 @@ def score_embeddings(q: Tensor, c: Tensor, scale: Tensor | float) -> Tensor:
     return scale * torch.einsum("bd,bkd->bk", q, c)
 
 
-class _Tower(nn.Module):
-    """Exposes one side of a student as ``forward(input_ids, attention_mask)`` for export."""
-
-    def __init__(self, student: Student, side: str) -> None:
-        super().__init__()
-        self.student = student
-        self.side = side
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        if self.side == "query":
-            return self.student.embed_queries(input_ids, attention_mask)
-        return self.student.embed_candidates(input_ids, attention_mask)
-
-
 class Student(nn.Module, ABC):
-    """Base of all students: text-level API, scoring, persistence and ONNX export."""
+    """Base of all students: text-level API, scoring, persistence.
+
+    A subclass sets ``kind`` (and ``has_candidate_tower = False`` if it scores against
+    a ``CandidateSource``), implements ``embed_queries`` (and ``embed_candidates``),
+    ``embedding_dim``, ``model_config`` and ``from_config``, and is registered with
+    ``register_student`` so that ``Student.load`` can rebuild it. It may override
+    ``embed_tokenised`` with a faster equivalent of its towers.
+
+    Parameters
+    ----------
+    tokenizer : SubwordTokenizer
+        A fitted tokenizer; its vocabulary is saved with the student.
+    teacher_version : str
+        The teacher the student was distilled from.
+    query_max_len, candidate_max_len : int, default 64, 256
+        Subwords kept per query / candidate text.
+    init_scale : float, default 20.0
+        Starting logit scale ``s_S``.
+    candidate_source : CandidateSource, optional
+        Candidate embeddings for a student without a candidate tower (required then).
+    """
 
     kind: ClassVar[str] = ""
     has_candidate_tower: ClassVar[bool] = True
@@ -182,6 +212,47 @@ class Student(nn.Module, ABC):
         **kwargs: Any,
     ) -> Student:
         """Build an (untrained) student from ``model_config()`` output."""
+
+    # -- what a concrete student may override ---------------------------------------------
+    def embed_tokenised(
+        self, side: Literal["query", "candidate"], texts: TokenisedTexts, index: Tensor
+    ) -> Tensor:
+        """Embed rows of pre-tokenised texts, as training loops do.
+
+        The base runs the padded tower (``embed_queries`` / ``embed_candidates`` on
+        ``texts.rows(index)``); a subclass may override it with any computation of
+        the same function (``BowStudent`` uses bags of subwords).
+
+        Parameters
+        ----------
+        side : {"query", "candidate"}
+            Which tower.
+        texts : TokenisedTexts
+            Texts tokenised with this student's tokenizer.
+        index : Tensor
+            int64 ``[n]`` rows of ``texts`` to embed.
+
+        Returns
+        -------
+        Tensor
+            L2-normalised ``[n, d]``, with gradient unless disabled.
+        """
+        embed = self.embed_queries if side == "query" else self.embed_candidates
+        ids, mask = texts.rows(index)
+        device = self.log_scale.device
+        return embed(ids.to(device), mask.to(device))
+
+    def size_report(self) -> dict[str, float]:
+        """Parameter count and float32 size.
+
+        Returns
+        -------
+        dict of str to float
+            ``parameters`` (every parameter, the logit scale included) and
+            ``megabytes`` (``4 * parameters / 1e6``).
+        """
+        n = sum(p.numel() for p in self.parameters())
+        return {"parameters": n, "megabytes": n * 4 / 1e6}
 
     # -- scoring --------------------------------------------------------------------------
     @property
@@ -327,57 +398,3 @@ class Student(nn.Module, ABC):
         student = student_cls.from_config(config["model"], tokenizer, version, **kwargs)
         student.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
         return student.eval()
-
-    # -- ONNX -----------------------------------------------------------------------------
-    def onnx_export(self, directory: str | Path) -> dict[str, Path]:
-        """Write the query (and candidate) tower as ONNX graphs plus ``onnx.json``.
-
-        Graph inputs: ``input_ids`` and ``attention_mask``, int64 ``[batch, sequence]``
-        (both axes dynamic); output ``embeddings`` float32 ``[batch, d]``, L2-normalised.
-        ``onnx.json`` carries the logit scale and lengths a server needs; the vocabulary
-        stays in ``config.json`` (write it with ``save`` into the same directory).
-        """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        sides = {"query": ONNX_QUERY_FILE}
-        if self.has_candidate_tower:
-            sides["candidate"] = ONNX_CANDIDATE_FILE
-        was_training = self.training
-        self.eval()
-        ids = torch.tensor([[2, 3, 4], [5, 0, 0]], dtype=torch.long, device=self.log_scale.device)
-        mask = (ids != 0).long()
-        axes = {0: "batch", 1: "sequence"}
-        paths: dict[str, Path] = {}
-        try:
-            for side, name in sides.items():
-                paths[side] = directory / name
-                with warnings.catch_warnings():
-                    # the TorchScript exporter is deprecated but needs no onnxscript
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    torch.onnx.export(
-                        _Tower(self, side),
-                        (ids, mask),
-                        str(paths[side]),
-                        input_names=["input_ids", "attention_mask"],
-                        output_names=["embeddings"],
-                        dynamic_axes={
-                            "input_ids": axes,
-                            "attention_mask": axes,
-                            "embeddings": {0: "batch"},
-                        },
-                        opset_version=ONNX_OPSET,
-                        dynamo=False,
-                    )
-        finally:
-            self.train(was_training)
-        meta = {
-            "kind": self.kind,
-            "teacher_version": self.teacher_version,
-            "logit_scale": float(self.scale.detach()),
-            "query_max_len": self.query_max_len,
-            "candidate_max_len": self.candidate_max_len,
-            "files": {side: p.name for side, p in paths.items()},
-        }
-        paths["meta"] = directory / ONNX_META_FILE
-        paths["meta"].write_text(json.dumps(meta, indent=1) + "\n")
-        return paths

@@ -2,35 +2,35 @@
 
 Per side: ``e = normalize(P · Σ_i w_i E[x_i] / Σ_i w_i)`` over the unmasked
 subwords ``x_i``, with an embedding table ``E`` ``[V, dim]`` (row 0 = padding),
-a learned per-subword weight ``w = softplus(u[x])`` (IDF-like: the model learns
+a learned per-subword weight ``w = softplus(u[x])`` (IDF-like: the model can learn
 to mute ``self``, ``return``, ``(``), and a bias-free projection ``P`` to
 ``out_dim``. Without a bias the L2 normalisation makes weighted mean and weighted
 sum pooling identical, so ``w`` are pure importance weights.
 
-No attention and no order: encoding costs one gather and one small matmul (a
-prototype of this design ranked ~100x faster than the MiniLM teacher on CPU). It uses
-``nn.Embedding`` + a masked sum rather than ``EmbeddingBag`` so the ONNX graph is
-plain Gather/Mul/ReduceSum/MatMul.
+No attention and no order: encoding costs one gather and one small matmul. The
+towers use ``nn.Embedding`` + a masked sum rather than ``EmbeddingBag`` so the
+ONNX graph is plain Gather/Mul/ReduceSum/MatMul; training goes through
+``embed_bags``, the same function on bags of subwords. Measured quality and speed:
+``benchmarks/student.py``, ``benchmarks/results/student-demo.json``.
 
 Sharing: by default the two towers are one (siamese) model, so an untrained
-student already matches a query subword with the same subword in code. On the
-stdlib learning task (in-batch listwise CE, 6 epochs, 6 seeds) this beat a shared
-table with separate projections in 5 of 6 seeds (held-out MRR@10 0.460 vs 0.434),
-and separate projections *not* started equal fell to 0.28. ``BowConfig`` can untie
-the projection or the table; unshared parts always start as copies.
+student already matches a query subword with the same subword in code.
+``BowConfig`` can untie the projection or the table; unshared parts always start
+as copies, so the untrained student is still that lexical matcher.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from student.base import Student, register_student
+from student.tokenised import TokenisedTexts
 from student.tokenizer import SubwordTokenizer
 
 _SOFTPLUS_INV_1 = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_INV_1) == 1: all weights start at 1
@@ -38,7 +38,19 @@ _SOFTPLUS_INV_1 = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_INV_1) == 1: all 
 
 @dataclass(frozen=True)
 class BowConfig:
-    """Architecture of a ``BowStudent`` (the vocabulary size comes from the tokenizer)."""
+    """Architecture of a ``BowStudent`` (the vocabulary size comes from the tokenizer).
+
+    Attributes
+    ----------
+    dim : int, default 128
+        Width of the subword table ``E``.
+    out_dim : int, default 256
+        Embedding size after the projection ``P``.
+    share_embedding, share_projection : bool, default True
+        One table / projection for both towers; unshared ones start as copies.
+    init_std : float, default 0.1
+        Standard deviation of the table's normal initialisation.
+    """
 
     dim: int = 128
     out_dim: int = 256
@@ -49,7 +61,19 @@ class BowConfig:
 
 @register_student
 class BowStudent(Student):
-    """Bag-of-subwords bi-encoder; score = ``s_S * cosine`` (see module docstring)."""
+    """Bag-of-subwords bi-encoder; score = ``s_S * cosine`` (see the module docstring).
+
+    Parameters
+    ----------
+    tokenizer : SubwordTokenizer
+        A fitted tokenizer; its ``vocab_size`` sets the table's rows.
+    teacher_version : str
+        The teacher the student is distilled from.
+    config : BowConfig, optional
+        The architecture (default ``BowConfig()``).
+    **kwargs
+        ``Student``'s keyword arguments (lengths, ``init_scale``, ``candidate_source``).
+    """
 
     kind = "bow"
 
@@ -108,10 +132,25 @@ class BowStudent(Student):
         """``_tower`` on bags of subwords (distinct ``ids`` per text, their ``counts``).
 
         The same function, computed with ``embedding_bag``: it never builds the
-        ``[n, L, dim]`` tensor, so a distillation step runs ~12x faster on one CPU
-        thread. ``_tower`` stays the exported form (plain Gather/ReduceSum in ONNX);
-        ``tests/test_distill.py`` checks that the two agree. ``offsets`` [n] start each
-        text's bag in ``ids``; ``bag`` [nnz] names the text of every id.
+        ``[n, L, dim]`` tensor of the padded form. ``_tower`` stays the exported form
+        (plain Gather/ReduceSum in ONNX); ``tests/test_distill.py`` checks that the
+        two agree.
+
+        Parameters
+        ----------
+        side : int
+            0 for the query tower, -1 for the candidate tower.
+        ids, offsets, counts, bag : Tensor
+            The fields of ``student.tokenised.Bags``: ``ids`` [nnz] distinct compact
+            ids, ``offsets`` [n] where each text's bag starts, ``counts`` [nnz] their
+            occurrences, ``bag`` [nnz] the text of every id.
+        n : int
+            Number of texts.
+
+        Returns
+        -------
+        Tensor
+            L2-normalised ``[n, out_dim]``.
         """
         w = F.softplus(self.token_weights[side].weight[ids, 0]) * counts
         num = F.embedding_bag(ids, self.embeddings[side].weight, offsets, mode="sum",
@@ -119,6 +158,14 @@ class BowStudent(Student):
         den = torch.zeros(n, dtype=w.dtype, device=w.device).index_add(0, bag, w)
         pooled = num / den.clamp_min(1e-6).unsqueeze(1)
         return F.normalize(self.projections[side](pooled), dim=-1)
+
+    def embed_tokenised(
+        self, side: Literal["query", "candidate"], texts: TokenisedTexts, index: Tensor
+    ) -> Tensor:
+        """``Student.embed_tokenised`` through ``embed_bags`` (same values as the towers)."""
+        if side != "query" and not self.has_candidate_tower:
+            raise NotImplementedError(f"{type(self).__name__} has no candidate tower")
+        return self.embed_bags(0 if side == "query" else -1, *texts.bags(index), len(index))
 
     def embed_queries(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self._tower(0, input_ids, attention_mask)
@@ -142,8 +189,3 @@ class BowStudent(Student):
         if unknown:
             raise ValueError(f"unknown BowConfig fields: {sorted(unknown)}")
         return cls(tokenizer, teacher_version, BowConfig(**config), **kwargs)
-
-    def size_report(self) -> dict[str, float]:
-        """Parameter count and float32 size in MB (for logs and the README)."""
-        n = sum(p.numel() for p in self.parameters())
-        return {"parameters": n, "megabytes": n * 4 / 1e6}

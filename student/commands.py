@@ -1,27 +1,24 @@
-"""``codistill student ...``: distil, evaluate and list students.
+"""``codistill student ...``: distil, evaluate, list and train students online.
 
-Mounted into the main CLI as ``app.add_typer(student_app, name="student")``. The
-root CLI's helpers (``settings()``, ``progress()``, ``_fail``, consoles) are
-imported inside each command: ``codistill.cli`` imports this module while it is
-still being defined, and the module stays light (no torch) so ``--help`` is fast.
+The heavy modules (torch) are imported inside each command, so ``--help`` stays fast.
+Every flag left out keeps the value of the ``distill`` / ``online`` settings sections.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import BaseModel
+
+from codistill import console as cli
+
+M = TypeVar("M", bound=BaseModel)
 
 student_app = typer.Typer(help="Students: offline distillation from the store, evaluation.",
                           no_args_is_help=True)
-
-
-def _root() -> Any:
-    from codistill import cli
-
-    return cli
 
 
 @student_app.command("distill")
@@ -40,22 +37,17 @@ def student_distill(
 ) -> None:
     """Warm-start a student from the train split's soft labels of the store's current teacher."""
     from stores.base import StoreError
-    from student.distill import DistillConfig, distill, results_table
+    from student.distill import distill, results_table
 
-    root = _root()
-    given = {"epochs": epochs, "time_budget_s": time_budget, "alpha": alpha,
-             "temperature": temperature, "seed": seed, "student": student, "init": init}
+    s = cli.settings()
+    cfg = _with_flags(s.distill, epochs=epochs, time_budget_s=time_budget, alpha=alpha,
+                      temperature=temperature, seed=seed, student=student, init=init)
     try:
-        cfg = DistillConfig(**{k: v for k, v in given.items() if v is not None})
-    except ValueError as exc:
-        raise root._fail(exc) from None
-    s = root.settings()
-    try:
-        summary = distill(s, cfg, root.progress(), set_current=current)
+        summary = distill(s, cfg, cli.progress(), set_current=current)
     except (FileNotFoundError, LookupError, StoreError) as exc:
-        raise root._fail(exc) from None
-    root.out.print(results_table(summary))
-    root.out.print(f"saved {summary['student_version']} to {summary['path']}"
+        raise cli.fail(exc) from None
+    cli.out.print(results_table(summary))
+    cli.out.print(f"saved {summary['student_version']} to {summary['path']}"
                    + (" (current)" if current else ""))
     if json_out:
         json_out.write_text(json.dumps(summary, indent=2))
@@ -75,8 +67,7 @@ def student_evaluate(
     from student.base import needs_candidate_source
     from student.registry import StudentIntegrityError, student_registry
 
-    root = _root()
-    s = root.settings()
+    s = cli.settings()
     reg = student_registry(s.home)
     store = None
     try:
@@ -90,10 +81,10 @@ def student_evaluate(
             source = StoreCandidates(store, card.teacher_version)
         model = reg.load(version, candidate_source=source)
         sets = {str(p): read_ranking_file(p) for p in data}
-        results = _evaluate_sets(root, model, version, sets, bm25)
+        results = _evaluate_sets(model, version, sets, bm25)
     except (FileNotFoundError, RankingFileError, StudentIntegrityError, ValueError, KeyError,
             StoreError) as exc:
-        raise root._fail(exc) from None
+        raise cli.fail(exc) from None
     finally:
         if store is not None:
             store.close()
@@ -101,7 +92,7 @@ def student_evaluate(
         json_out.write_text(json.dumps({"student_version": version, "results": results}, indent=2))
 
 
-def _evaluate_sets(root: Any, model: Any, version: str, sets: dict[str, Any], bm25: bool
+def _evaluate_sets(model: Any, version: str, sets: dict[str, Any], bm25: bool
                    ) -> dict[str, dict[str, dict[str, float]]]:
     from student.baselines import evaluate_bm25
     from student.distill import evaluate_student
@@ -111,7 +102,7 @@ def _evaluate_sets(root: Any, model: Any, version: str, sets: dict[str, Any], bm
         rows = {f"student {version}": evaluate_student(model, examples)}
         if bm25:
             rows["bm25"] = evaluate_bm25(examples)
-        root.out.print(root.metrics_table(name, rows))
+        cli.out.print(cli.metrics_table(name, rows))
         results[name] = rows
     return results
 
@@ -123,8 +114,7 @@ def student_list() -> None:
 
     from student.registry import student_registry
 
-    root = _root()
-    reg = student_registry(root.settings().home)
+    reg = student_registry(cli.settings().home)
     current = reg.current_version()
     table = Table("version", "teacher", "MB", "epochs", "MRR@10", "created")
     for v in reg.versions():
@@ -133,32 +123,49 @@ def student_list() -> None:
         table.add_row(("* " if v == current else "  ") + v, card.teacher_version,
                       f"{card.size.get('megabytes', 0):.1f}", str(card.train.get("epochs_run", "")),
                       mrr, card.created_at[:19])
-    root.out.print(table)
+    cli.out.print(table)
 
 
 # ---------------------------------------------------------------- online
 @student_app.command("online")
 def student_online(
-    name: Annotated[str, typer.Option(help="trainer identity: checkpoints, pin, consumer group")] = "default",
-    batch_size: Annotated[int, typer.Option(help="records per batch per partition")] = 64,
-    checkpoint_every: Annotated[int, typer.Option(help="batches between checkpoints")] = 10,
-    alpha: Annotated[float, typer.Option(help="KD weight; 1 - alpha on click feedback")] = 0.5,
-    lr: Annotated[float, typer.Option(help="3e-3 from scratch; ~1e-4 for a warm start")] = 3e-3,
-    until_end: Annotated[bool, typer.Option(help="stop at the end of the log seen at start")] = False,
+    name: Annotated[str | None, typer.Option(
+        help="trainer identity: checkpoints, pin, consumer group (default 'default')")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="records per batch per partition (default 64)")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        help="batches between checkpoints (default 10)")] = None,
+    alpha: Annotated[float | None, typer.Option(
+        help="KD weight; 1 - alpha on click feedback (default 0.5)")] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="default 3e-3 (from scratch); ~1e-4 for a warm start")] = None,
+    until_end: Annotated[bool | None, typer.Option(
+        help="stop at the end of the log seen at start")] = None,
     max_batches: Annotated[int | None, typer.Option(help="stop after this many batches")] = None,
     init_student: Annotated[Path | None, typer.Option(help="warm start from a student folder")] = None,
-    metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port (0 = off)")] = 0,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Prometheus /metrics port (default 0 = off)")] = None,
 ) -> None:
     """Train the student continuously from the events topic (single writer, exactly once)."""
     from stores.base import StoreError
-    from student.online import OnlineTrainerConfig, run_online
+    from student.online import run_online
 
-    root = _root()
-    cfg = OnlineTrainerConfig(name=name, batch_size=batch_size, checkpoint_every=checkpoint_every,
-                              alpha=alpha, lr=lr, until_end=until_end, max_batches=max_batches,
-                              init_student=init_student, metrics_port=metrics_port)
+    s = cli.settings()
+    cfg = _with_flags(s.online, name=name, batch_size=batch_size,
+                      checkpoint_every=checkpoint_every, alpha=alpha, lr=lr, until_end=until_end,
+                      max_batches=max_batches, init_student=init_student,
+                      metrics_port=metrics_port)
     try:
-        summary = run_online(root.settings(), cfg)
+        summary = run_online(s, cfg)
     except (StoreError, LookupError, FileNotFoundError, ValueError) as exc:
-        raise root._fail(exc) from None
-    root.out.print_json(json.dumps(summary, default=str))
+        raise cli.fail(exc) from None
+    cli.out.print_json(json.dumps(summary, default=str))
+
+
+def _with_flags(section: M, **flags: Any) -> M:
+    """``section`` with the flags that were given (not None) applied and validated again."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        return type(section).model_validate({**section.model_dump(), **given})
+    except ValueError as exc:
+        raise cli.fail(exc) from None

@@ -5,6 +5,19 @@ and an optional boolean ``mask`` ``[B, K]`` marking real candidates, so ragged
 candidate lists (``Student.forward_scores``) need no special casing. Student
 logits are ``s_S * cosine``; teacher logits are ``logit_scale * cosine`` with the
 scale stored in each ``SoftLabelRecord`` (a softmax over raw cosines is almost flat).
+
+Unlike sentence-transformers' losses, which wrap a model and take texts, these take
+scores: the caller runs the student (offline: ``student.training.fit``, online: the
+trainer), so one loss serves every student kind.
+
+=================== ========================================= =====================
+loss                learns from                               used by
+=================== ========================================= =====================
+``ListwiseKDLoss``  the teacher's logits over each list       offline and online KD
+``MarginMSELoss``   the teacher's positive-negative margins   (available)
+``IPWClickLoss``    clicks (or hard labels with ``eta=0``)    offline CE, online
+``OnlineLoss``      ``alpha`` KD + ``1 - alpha`` clicks       the online trainer
+=================== ========================================= =====================
 """
 
 from __future__ import annotations
@@ -32,15 +45,50 @@ def _zero(like: Tensor) -> Tensor:
 
 
 class ListwiseKDLoss(nn.Module):
-    """Listwise knowledge distillation (Hinton et al. 2015) over each query's candidates.
+    """Listwise knowledge distillation over each query's candidate list.
 
     ``loss = T^2 * mean_b KL( softmax(t_b / T) || softmax(s_b / T) )``
 
     where ``t_b = s_T * cos_T`` are the teacher's logits (scaled by its stored
     ``logit_scale``) and ``s_b = s_S * cos_S`` the student's, both over the masked
-    candidates of query ``b``. The ``T^2`` keeps gradient magnitudes comparable
-    across temperatures: ``d loss / d s_bk = T * (p_S - p_T)_bk / B``. Rows without
-    any candidate are left out of the mean.
+    candidates of query ``b``: the student learns the teacher's whole distribution
+    over the list, not only its top candidate. The ``T^2`` keeps gradient magnitudes
+    comparable across temperatures: ``d loss / d s_bk = T * (p_S - p_T)_bk / B``.
+    Rows without any candidate are left out of the mean; no gradient flows into the
+    teacher's logits.
+
+    Args:
+        temperature: softmax temperature ``T`` (> 0); higher values weigh the
+            teacher's ranking of the weaker candidates more.
+
+    References:
+        - Hinton, Vinyals, Dean. "Distilling the Knowledge in a Neural Network".
+          NIPS Deep Learning Workshop, 2015. https://arxiv.org/abs/1503.02531
+
+    Inputs:
+        +--------------------------+-----------+------------------------------------+
+        | argument                 | shape     | meaning                            |
+        +==========================+===========+====================================+
+        | ``student_logits``       | ``[B, K]``| the student's logits               |
+        +--------------------------+-----------+------------------------------------+
+        | ``teacher_logits``       | ``[B, K]``| the teacher's logits (detached)    |
+        +--------------------------+-----------+------------------------------------+
+        | ``mask`` (optional)      | ``[B, K]``| bool, real candidates; default all |
+        +--------------------------+-----------+------------------------------------+
+
+    Output:
+        a scalar tensor (0 with a graph if no row has a candidate).
+
+    Example:
+        >>> student = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]], requires_grad=True)
+        >>> teacher = torch.tensor([[3.0, 1.0, -2.0], [0.5, 2.0, 0.0]])
+        >>> mask = torch.tensor([[True, True, True], [True, True, False]])  # ragged lists
+        >>> loss = ListwiseKDLoss(temperature=2.0)(student, teacher, mask)
+        >>> round(loss.item(), 4)
+        0.0868
+        >>> loss.backward()
+        >>> ListwiseKDLoss(temperature=2.0)(teacher, teacher, mask).item()  # same logits
+        0.0
     """
 
     def __init__(self, temperature: float = 1.0) -> None:
@@ -64,15 +112,42 @@ class ListwiseKDLoss(nn.Module):
 
 
 class MarginMSELoss(nn.Module):
-    """Margin-MSE (Hofstätter et al. 2020, as in sentence-transformers' MarginMSELoss).
+    """Margin-MSE: match the teacher's score margins between a positive and negatives.
 
     ``loss = mean( ((s_pos - s_neg) - (t_pos - t_neg))^2 )``
 
-    The student matches the teacher's *margins* between a positive and each
-    negative, not its absolute scores, so an offset between the two score ranges
-    costs nothing. ``*_pos`` are ``[B]`` (or ``[B, 1]``), ``*_neg`` ``[B]`` or ``[B, N]``
-    (several negatives per positive), ``mask`` ``[B, N]`` marks real negatives.
-    Pass both sides in the same units (logits recommended).
+    over every (query, negative) pair. The student matches the teacher's *margins*,
+    not its absolute scores, so an offset between the two score ranges costs
+    nothing: a cross-encoder teacher can train a bi-encoder student. As in
+    sentence-transformers' ``MarginMSELoss``, with several negatives per positive
+    and a mask. Pass both sides in the same units (logits recommended); no gradient
+    flows into the teacher's scores.
+
+    References:
+        - Hofstätter, Althammer, Schröder, Sertkan, Hanbury. "Improving Efficient
+          Neural Ranking Models with Cross-Architecture Knowledge Distillation".
+          2020. https://arxiv.org/abs/2010.02666
+
+    Inputs:
+        +--------------------------------------+--------------------+---------------------+
+        | argument                             | shape              | meaning             |
+        +======================================+====================+=====================+
+        | ``student_pos``, ``teacher_pos``     | ``[B]``/``[B, 1]`` | positive's scores   |
+        +--------------------------------------+--------------------+---------------------+
+        | ``student_neg``, ``teacher_neg``     | ``[B]``/``[B, N]`` | negatives' scores   |
+        +--------------------------------------+--------------------+---------------------+
+        | ``mask`` (optional)                  | ``[B, N]``         | bool, real negatives|
+        +--------------------------------------+--------------------+---------------------+
+
+    Output:
+        a scalar tensor (0 with a graph if the mask selects nothing).
+
+    Example:
+        >>> loss = MarginMSELoss()(
+        ...     torch.tensor([3.0, 1.0]), torch.tensor([[1.0, 0.0], [2.0, 0.5]]),  # student
+        ...     torch.tensor([4.0, 2.0]), torch.tensor([[2.5, 1.0], [1.0, 0.0]]))  # teacher
+        >>> loss.item()  # margins 2, 3, -1, 0.5 vs 1.5, 3, 1, 2
+        1.625
     """
 
     def forward(
@@ -104,14 +179,50 @@ class IPWClickLoss(nn.Module):
     with propensity ``p(r) = (1 / r)^eta``; a click then means "examined and
     relevant". Weighting each click by ``w(r) = min(1 / p(r), max_weight)`` makes the
     loss an (clipped, hence slightly biased but bounded-variance) estimate of the
-    loss on true relevance (Joachims et al. 2017; Ai et al. 2018):
+    loss on true relevance:
 
     ``loss = (1 / |Q_c|) * sum_b sum_k c_bk * w(r_bk) * -log softmax(s_b)_k``
 
     with ``c`` the clicks, softmax over the query's masked candidates and ``Q_c``
     the queries with at least one click (so the scale does not depend on the click
     rate). ``eta = 0`` gives the naive, unweighted click loss; with relevance labels
-    as ``clicks`` it is plain listwise cross-entropy on hard labels.
+    as ``clicks`` it is plain listwise (ListNet-style) cross-entropy on hard labels.
+
+    Args:
+        eta: position-bias exponent (>= 0); 0 weighs every click 1.
+        max_weight: clip of the inverse propensity (>= 1).
+
+    References:
+        - Joachims, Swaminathan, Schnabel. "Unbiased Learning-to-Rank with Biased
+          Feedback". WSDM 2017. https://arxiv.org/abs/1608.04468
+        - Ai, Bi, Luo, Guo, Croft. "Unbiased Learning to Rank with Unbiased
+          Propensity Estimation". SIGIR 2018. https://arxiv.org/abs/1804.05938
+        - Cao, Qin, Liu, Tsai, Li. "Learning to Rank: From Pairwise Approach to
+          Listwise Approach". ICML 2007.
+
+    Inputs:
+        +--------------------------+-----------+------------------------------------------+
+        | argument                 | shape     | meaning                                  |
+        +==========================+===========+==========================================+
+        | ``student_logits``       | ``[B, K]``| the student's logits                     |
+        +--------------------------+-----------+------------------------------------------+
+        | ``clicks``               | ``[B, K]``| clicks (or relevance) per candidate      |
+        +--------------------------+-----------+------------------------------------------+
+        | ``ranks`` (optional)     | ``[B, K]``| 1-based display ranks; default 1..K      |
+        +--------------------------+-----------+------------------------------------------+
+        | ``mask`` (optional)      | ``[B, K]``| bool, real candidates; default all       |
+        +--------------------------+-----------+------------------------------------------+
+
+    Output:
+        a scalar tensor (0 with a graph if nothing was clicked).
+
+    Example:
+        >>> loss_fn = IPWClickLoss(eta=1.0, max_weight=10.0)
+        >>> loss_fn.weights(torch.tensor([1, 2, 4, 20]))  # a click at rank r counts r times
+        tensor([ 1.,  2.,  4., 10.])
+        >>> loss = loss_fn(torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[0.0, 0.0, 1.0]]))
+        >>> round(loss.item(), 4)  # 3 * -log softmax(s)_3
+        5.8931
     """
 
     def __init__(self, eta: float = 1.0, max_weight: float = 10.0) -> None:
@@ -151,7 +262,17 @@ class IPWClickLoss(nn.Module):
 
 
 class OnlineLossParts(NamedTuple):
-    """The total (with gradient) and its parts, detached, for logging."""
+    """The total (with gradient) and its parts, detached, for logging.
+
+    Attributes
+    ----------
+    loss : Tensor
+        The mixed loss, with gradient.
+    kd, feedback : float
+        The two parts, detached.
+    n_kd, n_feedback : int
+        Rows with teacher labels / with at least one click.
+    """
 
     loss: Tensor
     kd: float
@@ -170,6 +291,45 @@ class OnlineLoss(nn.Module):
     rows only (``has_teacher``), feedback over the clicked ones. An empty part
     counts 0 and the mix is *not* renormalised, so ``alpha`` keeps its meaning
     whatever a batch holds (a batch without clicks is simply a smaller step).
+
+    Args:
+        alpha: weight of the KD part, in [0, 1].
+        kd: the distillation loss; default ``ListwiseKDLoss(temperature=4.0)``.
+        feedback: the click loss; default ``IPWClickLoss()`` (``eta=1``).
+
+    References:
+        - Hinton, Vinyals, Dean. "Distilling the Knowledge in a Neural Network". 2015.
+          https://arxiv.org/abs/1503.02531
+        - Joachims, Swaminathan, Schnabel. "Unbiased Learning-to-Rank with Biased
+          Feedback". WSDM 2017. https://arxiv.org/abs/1608.04468
+
+    Inputs:
+        +--------------------------------+-----------+-----------------------------------+
+        | argument                       | shape     | meaning                           |
+        +================================+===========+===================================+
+        | ``student_logits``             | ``[B, K]``| the student's logits              |
+        +--------------------------------+-----------+-----------------------------------+
+        | ``mask`` (optional)            | ``[B, K]``| bool, real candidates             |
+        +--------------------------------+-----------+-----------------------------------+
+        | ``teacher_logits`` (optional)  | ``[B, K]``| teacher logits (KD part)          |
+        +--------------------------------+-----------+-----------------------------------+
+        | ``has_teacher`` (optional)     | ``[B]``   | bool, rows whose labels are real  |
+        +--------------------------------+-----------+-----------------------------------+
+        | ``clicks``, ``ranks`` (opt.)   | ``[B, K]``| feedback part (``IPWClickLoss``)  |
+        +--------------------------------+-----------+-----------------------------------+
+
+    Output:
+        ``OnlineLossParts``: the loss with gradient, its parts and their row counts.
+
+    Example:
+        >>> student = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]], requires_grad=True)
+        >>> parts = OnlineLoss(alpha=0.5)(
+        ...     student, teacher_logits=torch.tensor([[3.0, 1.0, -2.0], [0.0, 0.0, 0.0]]),
+        ...     has_teacher=torch.tensor([True, False]),  # row 1's labels are not in yet
+        ...     clicks=torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+        >>> parts.n_kd, parts.n_feedback
+        (1, 1)
+        >>> parts.loss.backward()
     """
 
     def __init__(

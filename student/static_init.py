@@ -6,13 +6,10 @@ seen a handful of times. The teacher already knows: encoding each vocabulary
 entry on its own (``"pars"``, ``"##ing"`` -> ``"ing"``) gives a static embedding
 per subword in the teacher's space, and the weighted mean of those is a usable
 sentence embedding before any training (the idea behind Model2Vec's static
-distillation). The student then only has to *correct* it.
-
-Measured on demo data (2,000 train queries, MiniLM fine-tuned teacher, 10
-epochs, valid / test MRR@10): the asymmetric student went from 0.505 / 0.523
-(random table) to 0.668 / 0.669 with this start, and the symmetric one from
-~0.49 / 0.47 to 0.55 / 0.49. Encoding ~6k subwords costs ~15 s of teacher time
-on 2 CPU cores once; the teacher's embedding cache answers later runs.
+distillation). The student then only has to *correct* it. What the start is worth
+for each student, before and after training: ``benchmarks/results/student-demo.json``
+(``benchmarks/student.py``). It costs one teacher encoding per kept subword, once;
+the teacher's embedding cache answers later runs.
 
 The table must have the teacher's width (``dim == out_dim == teacher dim``) and the
 projection starts as the identity, so the untrained student *is* the static model.
@@ -37,7 +34,27 @@ def subword_strings(tokenizer: SubwordTokenizer) -> list[str]:
 
 def static_table(tokenizer: SubwordTokenizer,
                  encode: Callable[[Sequence[str]], np.ndarray]) -> np.ndarray:
-    """``[vocab_size, d]`` float32: row ``i`` = ``encode`` of subword ``i`` (0 for pad / OOV)."""
+    """The static subword table: the teacher's embedding of every kept subword on its own.
+
+    Parameters
+    ----------
+    tokenizer : SubwordTokenizer
+        The student's fitted tokenizer.
+    encode : callable
+        Texts -> the teacher's embeddings ``[n, d]`` (called once, on
+        ``subword_strings(tokenizer)``).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``[vocab_size, d]``: row ``i`` = ``encode`` of subword ``i``; padding
+        and OOV-bucket rows are 0.
+
+    References
+    ----------
+    .. [1] Tulkens, van Dongen. "Model2Vec: Fast State-of-the-Art Static Embeddings".
+       2024. https://github.com/MinishLab/model2vec
+    """
     words = subword_strings(tokenizer)
     vectors = np.asarray(encode(words), dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[0] != len(words):
@@ -49,7 +66,20 @@ def static_table(tokenizer: SubwordTokenizer,
 
 @torch.no_grad()
 def init_from_table(student: BowStudent, table: np.ndarray) -> None:
-    """Load ``table`` into every embedding table of ``student``; projections become identity."""
+    """Load ``table`` into every embedding table of ``student``; projections become identity.
+
+    Parameters
+    ----------
+    student : BowStudent
+        With ``dim == out_dim == table.shape[1]`` (changed in place).
+    table : numpy.ndarray
+        ``static_table`` output for the student's tokenizer.
+
+    Raises
+    ------
+    ValueError
+        If the shapes do not fit.
+    """
     cfg = student.config
     if table.shape != (student.tokenizer.vocab_size, cfg.dim) or cfg.dim != cfg.out_dim:
         raise ValueError(

@@ -57,7 +57,28 @@ def default_tokenizer_path() -> Path:
 
 
 def split_identifiers(text: str) -> str:
-    """Split snake_case and camelCase identifiers into words (before lowercasing)."""
+    """Split snake_case and camelCase identifiers into words (before lowercasing).
+
+    Parameters
+    ----------
+    text : str
+        Any text; only underscores and case changes inside words are touched.
+
+    Returns
+    -------
+    str
+        ``text`` with underscores replaced by a space and a space at every
+        lower-to-upper boundary and before the last capital of an acronym.
+
+    Examples
+    --------
+    >>> split_identifiers("getFooBar")
+    'get Foo Bar'
+    >>> split_identifiers("parse_args")
+    'parse args'
+    >>> split_identifiers("HTTPServer.send_header2Now")
+    'HTTP Server.send header2 Now'
+    """
     return _CAMEL.sub(" ", _UNDERSCORES.sub(" ", text))
 
 
@@ -69,7 +90,28 @@ def _load_wordpiece(path: str | Path | None) -> Tokenizer:
 
 
 class SubwordTokenizer:
-    """WordPiece segmentation with a corpus-fitted, compact id range (see module doc)."""
+    """WordPiece segmentation with a corpus-fitted, compact id range (see the module doc).
+
+    Parameters
+    ----------
+    max_vocab : int, default 16384
+        WordPiece ids kept by ``fit`` (the most frequent).
+    oov_buckets : int, default 8
+        Hashed rows for the ids not kept.
+    split_identifiers : bool, default True
+        Apply ``split_identifiers`` before WordPiece.
+    tokenizer_path : str or Path, optional
+        ``tokenizer.json`` to use; default the installed all-MiniLM-L6-v2 one.
+
+    Examples
+    --------
+    >>> tok = SubwordTokenizer(max_vocab=8, oov_buckets=2).fit(["read_file(path)", "read a file"])
+    >>> tok.vocab_size  # padding + 2 buckets + the subwords seen
+    9
+    >>> ids, mask = tok.encode_batch(["readFile", ""], max_len=4)
+    >>> ids.shape, mask.tolist()
+    (torch.Size([2, 2]), [[1, 1], [0, 0]])
+    """
 
     PAD = 0
 
@@ -138,11 +180,24 @@ class SubwordTokenizer:
         return [split_identifiers(t) for t in texts] if self.split_identifiers else texts
 
     def encode_batch(self, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(ids, mask)``, both int64 ``[n, L]`` (mask 1 on real subwords).
+        """Compact ids and mask of a batch of texts.
 
         Texts are truncated to ``max_len`` subwords (no [CLS]/[SEP]: bag-of-subwords
-        students have no use for them); ``L`` is the longest kept length, at least 1,
-        so an empty text yields one padding position and a zero mask.
+        students have no use for them).
+
+        Parameters
+        ----------
+        texts : sequence of str
+            The texts.
+        max_len : int
+            Subwords kept per text (>= 1).
+
+        Returns
+        -------
+        tuple of Tensor
+            ``(ids, mask)``, both int64 ``[n, L]``, mask 1 on real subwords; ``L`` is
+            the longest kept length, at least 1, so an empty text yields one padding
+            position and a zero mask.
         """
         if max_len < 1:
             raise ValueError("max_len must be >= 1")

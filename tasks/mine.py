@@ -222,8 +222,8 @@ def extract(file: SourceFile, stats: Counter[str] | None = None) -> list[Pair]:
 def mine(files: Iterable[SourceFile], progress: bool = False) -> MineResult:
     """Extract, filter and deduplicate pairs from ``files`` (kept in iteration order).
 
-    Sequential on purpose: measured on the shared 2-core machines, a process pool
-    did not beat one process (parsing is fast; reading and pickling ate the gain).
+    Sequential on purpose: parsing is fast, and a process pool spends what it would
+    gain on reading and pickling the files.
     """
     result = MineResult(pairs=[])
     seen_code: set[str] = set()

@@ -2,7 +2,7 @@
 
 Hard negatives share vocabulary with the query, so a model must read the code
 rather than match words; random ones keep the easy end of the score range in
-the training signal (mixing both beat either alone in the calibration runs).
+the training signal (a model trained on both ranks both kinds of list).
 Negatives come only from the query's own split, so no held-out code is ever
 seen in training. Per-query randomness is seeded by (seed, split, gold id):
 a query's list does not change when other queries are added or capped away.

@@ -50,3 +50,19 @@ def kafka_bootstrap(request: pytest.FixtureRequest) -> str:
 def prometheus_url(request: pytest.FixtureRequest) -> str:
     """``http://127.0.0.1:PORT`` of a real Prometheus server."""
     return _service("prometheus", request)
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory):
+    """Settings with a fresh home per test module (defaults otherwise)."""
+    from codistill.config import load_settings
+
+    return load_settings(home=tmp_path_factory.mktemp("home"))
+
+
+@pytest.fixture(scope="module")
+def teacher(settings):
+    """The current (zero-shot MiniLM) teacher of that home."""
+    from teacher import workflow as wf
+
+    return wf.open_teacher(settings, wf.ensure_current(settings), progress=False)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from codistill.cli import app
+from codistill.app.cli import app
 from codistill.config import load_settings
 
 runner = CliRunner()
@@ -51,3 +51,32 @@ def test_cli_rejects_bad_config(tmp_path: Path) -> None:
     res = runner.invoke(app, ["--config", str(cfg), "config", "show"])
     assert res.exit_code == 2
     assert "invalid configuration" in res.output and "backend" in res.output
+
+
+def test_distill_and_online_are_settings_sections(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """File and environment reach the student recipes like every other section."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("distill:\n  epochs: 3\n  student: bow\nonline:\n  lr: 0.0001\n")
+    monkeypatch.setenv("CODISTILL_ONLINE__BATCH_SIZE", "16")
+    s = load_settings(cfg)
+    assert (s.distill.epochs, s.distill.student, s.online.lr) == (3, "bow", 1e-4)
+    assert s.online.batch_size == 16 and s.online.checkpoint_every == 10
+    res = runner.invoke(app, ["--config", str(cfg), "config", "show", "--json"])
+    assert res.exit_code == 0, res.output
+    assert '"epochs": 3' in res.output and '"batch_size": 16' in res.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("online:\n  alpha: 2.0\n")
+    res = runner.invoke(app, ["--config", str(bad), "config", "show"])
+    assert res.exit_code == 2 and "alpha" in res.output
+
+
+def test_cli_flags_override_the_sections() -> None:
+    """A flag given on the command line wins; a flag left out keeps the section's value."""
+    from student.commands import _with_flags
+
+    s = load_settings(distill={"epochs": 3, "alpha": 0.7})
+    cfg = _with_flags(s.distill, epochs=5, alpha=None, temperature=None)
+    assert (cfg.epochs, cfg.alpha, cfg.temperature) == (5, 0.7, s.distill.temperature)
+    online = _with_flags(s.online, lr=1e-4, name=None)
+    assert online.lr == 1e-4 and online.name == "default"

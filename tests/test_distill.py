@@ -1,9 +1,10 @@
-"""Offline distillation: BM25 baseline, student registry, labels, and a real learning check.
+"""Offline distillation: BM25 baseline, student registry, labels, ``fit``, and learning checks.
 
 One module-scoped ``small`` data set (~200 train / 60 valid / 60 test queries, 32
 candidates each, stdlib only) is built and precomputed with the real MiniLM teacher
 (~1-2 min on a loaded 2-core machine); one distillation on it is shared by the
-learning, registry and CLI tests.
+learning, registry and CLI tests. ``fit`` on a student of another kind runs on a
+synthetic set without the teacher.
 """
 
 from __future__ import annotations
@@ -11,28 +12,30 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from torch import Tensor, nn
 from typer.testing import CliRunner
 
-from codistill.config import Settings, load_settings
+from codistill.config import DistillConfig, Settings, load_settings
 from codistill.ranking import RankingExample
 from codistill.text import subword_tokens
 from stores import open_configured_store
+from stores.base import SoftLabelRecord
 from student.asym import MissingCandidateError, StoreCandidates
+from student.base import Student, register_student
 from student.baselines import BM25Ranker, bm25_scores, evaluate_bm25
-from student.distill import (
-    DistillConfig,
-    TrainSet,
-    build_student,
-    distill,
-    evaluate_student,
-    read_labels,
-    student_scores,
-    teacher_metrics_from_store,
-)
+from student.build import build_student
+from student.distill import distill
+from student.evaluation import evaluate_student, student_scores, teacher_metrics_from_store
+from student.labels import read_labels
 from student.registry import StudentIntegrityError, student_registry
+from student.tokenizer import SubwordTokenizer
+from student.training import fit
+from student.trainset import TrainSet
 from tasks import dataset as ds
 from tasks.build import build_dataset
 from teacher import workflow as wf
@@ -145,12 +148,11 @@ def test_labels_are_read_in_batches_and_checked(small: Settings) -> None:
 def test_batched_training_scores_equal_the_text_api(small: Settings, kind: str) -> None:
     """The pre-tokenised bag path must score exactly like ``Student.score`` on texts.
 
+    ``BowStudent.embed_tokenised`` (bags of subwords) must equal its padded towers.
     For ``asym-bow`` both paths score against the teacher's stored candidate vectors:
     the bag path through ``attach_candidate_embeddings``, the text path through
     ``StoreCandidates`` (text -> content id -> store).
     """
-    import torch
-
     train = ds.read_split(small, "train")[:40]
     store = open_configured_store(small)
     version = store.current()
@@ -174,8 +176,22 @@ def test_batched_training_scores_equal_the_text_api(small: Settings, kind: str) 
     batch = torch.tensor([3, 0, 5, 17, 39])
     with torch.no_grad():
         fast = data.forward(student, batch)
-        slow = data.forward(student, batch, fast=False)
-    np.testing.assert_allclose(fast.logits.numpy(), slow.logits.numpy(), rtol=1e-5, atol=1e-5)
+        q_pad = student.embed_queries(*data.queries.rows(batch))  # the padded (exported) tower
+        np.testing.assert_allclose(student.embed_tokenised("query", data.queries, batch).numpy(),
+                                   q_pad.numpy(), rtol=1e-5, atol=1e-5)
+        if student.has_candidate_tower:
+            c_pad = student.embed_candidates(*data.candidates.rows(fast.unique))
+            np.testing.assert_allclose(
+                student.embed_tokenised("candidate", data.candidates, fast.unique).numpy(),
+                c_pad.numpy(), rtol=1e-5, atol=1e-5)
+        else:
+            assert data.teacher_candidates is not None
+            c_pad = data.teacher_candidates[fast.unique]
+            with pytest.raises(NotImplementedError, match="no candidate tower"):
+                student.embed_tokenised("candidate", data.candidates, fast.unique)
+        slow = student.score_embeddings(q_pad, c_pad).gather(1, fast.gather)
+        slow = slow.masked_fill(~fast.mask, 0.0)
+    np.testing.assert_allclose(fast.logits.numpy(), slow.numpy(), rtol=1e-5, atol=1e-5)
     assert fast.mask[2].sum() == 10 and fast.mask[0].all()
     for row, i in enumerate(batch.tolist()):
         expect = student.score(train[i].query, train[i].candidates)
@@ -191,6 +207,115 @@ def test_batched_training_scores_equal_the_text_api(small: Settings, kind: str) 
     np.testing.assert_allclose(data.teacher_logits[0].numpy(),
                                records[0].logit_scale * records[0].scores, rtol=1e-6)
     store.close()
+
+
+# -- fit on any student ---------------------------------------------------------------------------
+@register_student
+class _MeanPoolStudent(Student):
+    """Not a ``BowStudent``: one shared tower, a plain mean of subword embeddings."""
+
+    kind = "test-mean-pool"
+
+    def __init__(self, tokenizer: SubwordTokenizer, teacher_version: str, dim: int = 16,
+                 **kwargs: Any) -> None:
+        super().__init__(tokenizer, teacher_version, **kwargs)
+        self.emb = nn.Embedding(tokenizer.vocab_size, dim, padding_idx=0)
+        self.padded_calls = 0
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.emb.embedding_dim
+
+    def _mean(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        self.padded_calls += 1
+        mask = attention_mask.unsqueeze(-1).to(torch.float32)
+        pooled = (self.emb(input_ids) * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return nn.functional.normalize(pooled, dim=-1)
+
+    def embed_queries(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self._mean(input_ids, attention_mask)
+
+    def embed_candidates(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self._mean(input_ids, attention_mask)
+
+    def model_config(self) -> dict[str, Any]:
+        return {"dim": self.emb.embedding_dim}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], tokenizer: SubwordTokenizer,
+                    teacher_version: str, **kwargs: Any) -> Student:
+        return cls(tokenizer, teacher_version, **config, **kwargs)
+
+
+# a query says "fetch the user", its code "def get_account(x)": no word in common, so an
+# untrained student ranks at chance and only training can align the two vocabularies
+VERBS = [("fetch", "get"), ("remove", "delete"), ("create", "make"), ("show", "render"),
+         ("check", "validate"), ("store", "save"), ("load", "read"), ("compute", "calc")]
+NOUNS = [("user", "account"), ("picture", "image"), ("message", "email"), ("document", "file"),
+         ("settings", "config"), ("number", "count"), ("location", "address"),
+         ("purchase", "order")]
+
+
+def _synonym_lists(pairs: list[tuple[int, int]], rng: np.random.Generator
+                   ) -> tuple[list[RankingExample], list[SoftLabelRecord]]:
+    """One list per (verb, noun): its code first, 7 other combinations; a teacher that knows."""
+    every = [(v, n) for v in range(len(VERBS)) for n in range(len(NOUNS))]
+    examples, records = [], []
+    for v, n in pairs:
+        negatives = [every[i] for i in rng.choice(len(every), 12, replace=False)
+                     if every[i] != (v, n)][:7]
+        ex = RankingExample(
+            query=f"{VERBS[v][0]} the {NOUNS[n][0]}",
+            candidates=[f"def {VERBS[a][1]}_{NOUNS[b][1]}(x):\n    return x"
+                        for a, b in [(v, n), *negatives]],
+            labels=[1] + [0] * len(negatives))
+        cosines = [0.8] + [0.4 if (a == v) != (b == n) else 0.0 for a, b in negatives]
+        examples.append(ex)
+        records.append(SoftLabelRecord(
+            query_id=ex.query_id, teacher_version="synthetic", candidate_ids=ex.candidate_ids,
+            scores=np.asarray(cosines, dtype=np.float32),
+            query_embedding=np.ones(4, dtype=np.float32), logit_scale=20.0))
+    return examples, records
+
+
+def test_fit_trains_any_student_and_transfers_to_held_out_lists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fit`` needs only the ``Student`` interface, and touches nothing but the student.
+
+    Held out: 16 (verb, noun) combinations never seen together in training, each of
+    their words seen in 6 others. Measured: MRR@10 0.48 untrained -> 1.0 in ~1 s.
+    """
+    rng = np.random.default_rng(0)
+    combos = [(v, n) for v in range(len(VERBS)) for n in range(len(NOUNS))]
+    train, records = _synonym_lists([c for c in combos if sum(c) % 4], rng)
+    held_out, _ = _synonym_lists([c for c in combos if not sum(c) % 4], rng)
+    texts = [ex.query for ex in train] + [c for ex in train for c in ex.candidates]
+    tokenizer = SubwordTokenizer(max_vocab=256, oov_buckets=1).fit(texts)
+    torch.manual_seed(0)
+    student = _MeanPoolStudent(tokenizer, "synthetic")
+    cfg = DistillConfig(epochs=20, batch_size=8, lr=0.05, embed_weight=0.0, time_budget_s=1e9)
+    data = TrainSet(train, records, tokenizer, cfg)
+    before = evaluate_student(student, held_out)["mrr@10"]
+
+    monkeypatch.chdir(tmp_path)
+    threads, rng_state = torch.get_num_threads(), torch.get_rng_state()
+    student.padded_calls = 0
+    result = fit(student, data, cfg, valid=held_out)
+    assert torch.get_num_threads() == threads  # no global torch setting touched
+    assert torch.equal(torch.get_rng_state(), rng_state)  # batches drawn from fit's own generator
+    assert not any(tmp_path.iterdir())  # no file written
+    assert student.padded_calls >= 2 * result["steps"]  # the base embed_tokenised: padded towers
+    assert not student.training
+
+    after = evaluate_student(student, held_out)["mrr@10"]
+    print(f"held-out MRR@10 {before:.3f} -> {after:.3f}")
+    assert after > 0.9 and after > before + 0.3, (before, after)
+    hist = result["history"]
+    assert result["epochs_run"] == 20 and result["stopped_by"] == "epochs"
+    assert hist[-1]["kd"] < 0.2 * hist[0]["kd"] and hist[-1]["valid_mrr@10"] == after
+    assert student.size_report() == {"parameters": tokenizer.vocab_size * 16 + 1,
+                                     "megabytes": (tokenizer.vocab_size * 16 + 1) * 4 / 1e6}
 
 
 # -- learning -------------------------------------------------------------------------------------
@@ -319,7 +444,7 @@ def test_registry_round_trip_gives_identical_scores(small: Settings, distilled: 
 
 
 def test_cli_evaluate_and_list(small: Settings, distilled: dict, tmp_path: Path) -> None:
-    from codistill.cli import app
+    from codistill.app.cli import app
 
     runner = CliRunner()
     home = ["--home", str(small.home)]

@@ -1,6 +1,6 @@
 """The online trainer on the embedded store + embedded event log (real components, no mocks).
 
-Fast tests use a tiny synthetic-teacher corpus (``tests/online_helpers.py``); the
+Fast tests use a tiny synthetic-teacher corpus (``tests/helpers/online.py``); the
 exactly-once test runs the trainer as a subprocess and SIGKILLs it at seeded
 points. The learning tests (``slow``) use the real MiniLM teacher on real stdlib
 functions.
@@ -30,15 +30,15 @@ from streaming.dlq import decode_dead_letter
 from streaming.generator import VALID, QuerySpec, generate_stream
 from streaming.join import JoinedImpression
 from student.base import Student
-from student.batching import build_batch
-from student.checkpoint import (
+from student.online import OnlineTrainer, OnlineTrainerConfig, TrainerError
+from student.online.batching import build_batch
+from student.online.checkpoint import (
     LATEST,
     STATE_FILE,
     Ledger,
     LedgerViolation,
 )
-from student.online import OnlineTrainer, OnlineTrainerConfig, TrainerError
-from tests.online_helpers import (
+from tests.helpers.online import (
     VERSION,
     assert_same_weights,
     end_offsets,
@@ -531,7 +531,7 @@ def test_ipw_feedback_recovers_the_true_order_better_than_naive_clicks(real_home
 
     from streaming.generator import ClickModel
     from tasks.build import load_split
-    from tests.online_helpers import biased_click_messages
+    from tests.helpers.online import biased_click_messages
 
     s0 = _real_settings(real_home)
     train = load_split(s0.data_dir, "train")

@@ -1,4 +1,4 @@
-"""Tokenizer, BoW student, persistence, ONNX export, and a real learning check."""
+"""Tokenizer, BoW student, pre-tokenised path, persistence, ONNX export, a learning check."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ from student import (
     IPWClickLoss,
     Student,
     SubwordTokenizer,
+    TokenisedTexts,
     register_student,
     split_identifiers,
 )
+from student.export import onnx_export
 from tasks.mine import mine
 from tasks.sources import stdlib_files
 
@@ -160,7 +162,7 @@ def _run_onnx(path: Path, ids: Tensor, mask: Tensor) -> np.ndarray:
 
 def test_onnx_export_matches_torch(tokenizer: SubwordTokenizer, tmp_path: Path) -> None:
     model = _student(tokenizer, share_embedding=False)
-    paths = model.onnx_export(tmp_path)
+    paths = onnx_export(model, tmp_path)
     meta = json.loads(paths["meta"].read_text())
     assert meta["logit_scale"] == pytest.approx(model.scale.item())
     # batch size and length differ from the export trace: both axes must be dynamic
@@ -171,6 +173,34 @@ def test_onnx_export_matches_torch(tokenizer: SubwordTokenizer, tmp_path: Path) 
             want_c = model.embed_candidates(ids, mask).numpy()
         np.testing.assert_allclose(_run_onnx(paths["query"], ids, mask), want_q, atol=1e-5)
         np.testing.assert_allclose(_run_onnx(paths["candidate"], ids, mask), want_c, atol=1e-5)
+
+
+@pytest.mark.parametrize("share_embedding", [True, False], ids=["shared", "separate"])
+def test_bow_embed_tokenised_equals_its_padded_towers(
+    tokenizer: SubwordTokenizer, share_embedding: bool
+) -> None:
+    """The bag-of-subwords training path computes the exported towers' function."""
+    model = _student(tokenizer, share_embedding=share_embedding)
+    texts = TokenisedTexts(tokenizer, [*CORPUS, "", "xylophone quasar " * 20], max_len=6)
+    index = torch.tensor([3, 0, 8, 9, 3, 1])  # repeats, an empty text, a truncated one
+    for side, tower in (("query", model.embed_queries), ("candidate", model.embed_candidates)):
+        with torch.no_grad():
+            got = model.embed_tokenised(side, texts, index)
+            want = tower(*texts.rows(index))
+            base = Student.embed_tokenised(model, side, texts, index)  # the interface's default
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(base, want)
+    got = model.embed_tokenised("query", texts, index)
+    got.sum().backward()  # differentiable, like the towers
+    assert model.embeddings[0].weight.grad is not None
+
+
+def test_size_report_counts_every_parameter(tokenizer: SubwordTokenizer) -> None:
+    model = _student(tokenizer, share_embedding=False)
+    n = sum(p.numel() for p in model.parameters())
+    assert model.size_report() == {"parameters": n, "megabytes": n * 4 / 1e6}
+    vocab = tokenizer.vocab_size
+    assert n == 2 * (vocab * 16 + vocab) + 16 * 8 + 1  # tables, token weights, projection, scale
 
 
 # -- the asymmetric variant fits the base without special cases -------------------------------
@@ -232,7 +262,12 @@ def test_query_only_student_scores_against_a_candidate_source(
     np.testing.assert_allclose(
         out.scores[0].detach().numpy(), model.score("sum of numbers", codes), atol=1e-6
     )
-    assert set(model.onnx_export(tmp_path / "onnx")) == {"query", "meta"}
+    texts = TokenisedTexts(tokenizer, ["sum of numbers"], model.query_max_len)
+    assert torch.equal(model.embed_tokenised("query", texts, torch.tensor([0])),
+                       model.encode_queries(["sum of numbers"]))  # the base's padded path
+    assert model.size_report() == {"parameters": tokenizer.vocab_size * 6 + 1,
+                                   "megabytes": (tokenizer.vocab_size * 6 + 1) * 4 / 1e6}
+    assert set(onnx_export(model, tmp_path / "onnx")) == {"query", "meta"}
     model.save(tmp_path / "model")
     loaded = Student.load(tmp_path / "model", candidate_source=source)
     assert np.array_equal(
@@ -348,7 +383,7 @@ def test_asym_bow_exports_one_query_graph_and_reloads_with_its_source(
     codes, source = _code_source(8)
     model = AsymmetricBowStudent(tokenizer, "teacher-v1", BowConfig(dim=8, out_dim=8),
                                  candidate_source=source).eval()
-    paths = model.onnx_export(tmp_path / "onnx")
+    paths = onnx_export(model, tmp_path / "onnx")
     assert set(paths) == {"query", "meta"}
     ids, mask = tokenizer.encode_batch(CORPUS[::2] + [""], 32)
     with torch.no_grad():

@@ -43,7 +43,7 @@ class StepTimer:
 
 def run_demo(settings: Settings, progress: bool = True, train: bool = True,
              console: Console | None = None, student: bool = True) -> dict[str, Any]:
-    from codistill.cli import metrics_table
+    from codistill.console import metrics_table
     from tasks import dataset as ds
     from tasks.build import build_dataset
     from teacher import workflow as wf
@@ -91,10 +91,12 @@ def run_demo(settings: Settings, progress: bool = True, train: bool = True,
                       f"({stats.rates()['candidates_per_s']:.0f} candidates/s)")
 
     if student:
-        from student import distill, online_demo
+        from codistill.app import online_demo
+        from student.distill import distill, results_table
 
         with timer.step("distill student (offline warm start)"):
-            summary["distill"] = distill.demo_step(settings, progress, console=console)
+            summary["distill"] = distill(settings, settings.distill, progress)
+            console.print(results_table(summary["distill"]))
         student_dir = summary["distill"]["path"]
         with timer.step("online training over a seeded event stream"):
             summary["online"] = online_demo.demo_step(settings, student_dir, progress)

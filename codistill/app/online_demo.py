@@ -39,22 +39,26 @@ def demo_step(settings: Settings, init_student: str | None, progress: bool = Tru
               **overrides: Any) -> dict[str, Any]:
     """Produce the seeded stream, train online until its end, evaluate on the test split.
 
-    ``overrides`` are ``OnlineTrainerConfig`` fields (the demo's recipe otherwise).
+    The trainer runs with the ``online`` settings section, the demo's recipe (name
+    ``demo``, until the end of the stream, the warm start at ``WARM_START_LR``) and
+    ``overrides`` (``OnlineTrainerConfig`` fields) on top.
     """
     import shutil
 
+    from codistill.config import OnlineTrainerConfig
     from stores import open_configured_store
     from student.asym import StoreCandidates
     from student.base import Student
-    from student.online import OnlineTrainerConfig, run_online
+    from student.online import run_online
     from tasks.dataset import read_split
 
     stream_cfg = settings.resolved_stream()
-    # a warm start is already near the teacher: large steps walk it away (measured on demo
-    # data, asym-bow at test MRR@10 0.649: lr 3e-3 -> 0.532, 5e-4 -> 0.613, 1e-4 -> 0.650)
+    # a warm start is already near the teacher: the from-scratch lr walks it away, so the
+    # demo replays its train-query stream at WARM_START_LR and can only hold its quality
     recipe = {"name": "demo", "until_end": True, "init_student": init_student,
-              "lr": WARM_START_LR if init_student else OnlineTrainerConfig().lr}
-    cfg = OnlineTrainerConfig(**{**recipe, **overrides})
+              "lr": WARM_START_LR if init_student else settings.online.lr}
+    cfg = OnlineTrainerConfig.model_validate({**settings.online.model_dump(), **recipe,
+                                              **overrides})
     if stream_cfg.backend == "embedded" and stream_cfg.path is not None:
         # a re-run starts over: a fresh log, and no checkpoint of another teacher to resume
         shutil.rmtree(stream_cfg.path, ignore_errors=True)

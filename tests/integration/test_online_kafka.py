@@ -30,9 +30,9 @@ from stores import open_store
 from streaming import open_stream
 from streaming.dlq import decode_dead_letter
 from streaming.generator import VALID
-from student.checkpoint import LATEST, STATE_FILE
 from student.online import OnlineTrainer, OnlineTrainerConfig
-from tests.online_helpers import (
+from student.online.checkpoint import LATEST, STATE_FILE
+from tests.helpers.online import (
     assert_same_weights,
     end_offsets,
     fill_store,
@@ -47,7 +47,7 @@ from tests.online_helpers import (
     tiny_corpus,
     wait_for,
 )
-from tests.redis_process import RedisProcess, free_port
+from tests.helpers.redis_process import RedisProcess, free_port
 
 pytestmark = pytest.mark.integration
 

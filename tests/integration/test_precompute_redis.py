@@ -8,7 +8,7 @@ import pytest
 from codistill.config import StoreSettings, load_settings
 from stores import StoreUnavailable, open_store
 from teacher import workflow as wf
-from tests.test_precompute import run_interrupted_then_resumed
+from tests.helpers.precompute import run_interrupted_then_resumed
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,7 @@ from stores import (
     VersionInfo,
     open_store,
 )
-from tests.redis_process import RedisProcess, free_port
+from tests.helpers.redis_process import RedisProcess, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -6,6 +6,10 @@ when a port is configured. Names are prefixed ``codistill_trainer_``; the DLQ
 counter is the shared ``codistill_dlq_events_total`` of :mod:`streaming.dlq`,
 registered on the same registry.
 
+Why here and not in the learner: a metric or a drift event is about the *run*
+(batch numbers, checkpoints, restarts), so the trainer feeds these from the
+statistics the learner returns.
+
 Drift: one ``river.drift.ADWIN`` per signal - the per-batch online loss and the
 teacher-student top-1 agreement on the batch's labelled queries. ADWIN keeps an
 adaptive window and flags a change when two sub-windows' means differ
@@ -16,6 +20,8 @@ Detector state is pickled into checkpoints so a restarted trainer keeps its wind
 
 from __future__ import annotations
 
+import io
+import logging
 import pickle
 import time
 from collections import deque
@@ -25,15 +31,24 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from streaming.dlq import dlq_counter
 
+log = logging.getLogger("codistill.trainer")
 PREFIX = "codistill_trainer_"
 SIGNALS = ("loss", "agreement")
 
 
 class DriftMonitor:
-    """ADWIN per signal; counts events and remembers the batch of the last one."""
+    """ADWIN per signal; counts events and remembers the batch of the last one.
+
+    Parameters
+    ----------
+    delta
+        ADWIN confidence (smaller: fewer, surer events).
+    hold_batches
+        Batches during which :meth:`in_drift` stays True after an event.
+    """
 
     def __init__(self, delta: float = 0.002, hold_batches: int = 10) -> None:
-        from river import drift  # imported here: river.drift costs ~1 s to import
+        from river import drift  # imported here, when a trainer starts: river is slow to import
 
         self.delta = delta
         self.hold_batches = hold_batches
@@ -42,7 +57,22 @@ class DriftMonitor:
         self.last_event: dict[str, int | None] = dict.fromkeys(SIGNALS, None)
 
     def update(self, signal: str, value: float, batch: int) -> bool:
-        """Feed one per-batch value; True when it completes a drift event."""
+        """Feed one per-batch value.
+
+        Parameters
+        ----------
+        signal
+            ``"loss"`` or ``"agreement"``.
+        value
+            The batch's value.
+        batch
+            The trainer's batch count (remembered as the event's batch).
+
+        Returns
+        -------
+        bool
+            True when this value completes a drift event.
+        """
         detector = self.detectors[signal]
         detector.update(float(value))
         if detector.drift_detected:
@@ -69,10 +99,17 @@ class DriftMonitor:
     @staticmethod
     def loads(data: bytes) -> DriftMonitor:
         """Only ever fed the trainer's own checkpoint files (pickle runs code)."""
-        monitor = pickle.loads(data)  # noqa: S301
+        monitor = _Unpickler(io.BytesIO(data)).load()  # noqa: S301
         if not isinstance(monitor, DriftMonitor):
             raise TypeError("not a DriftMonitor")
         return monitor
+
+
+class _Unpickler(pickle.Unpickler):
+    """Checkpoints written before the move to ``student.online`` name ``student.telemetry``."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(__name__ if module == "student.telemetry" else module, name)
 
 
 class RateMeter:
@@ -94,7 +131,13 @@ class RateMeter:
 
 
 class TrainerMetrics:
-    """The trainer's Prometheus metrics on its own registry."""
+    """The trainer's Prometheus metrics on its own registry.
+
+    Parameters
+    ----------
+    registry
+        Where to register them; default a new, private registry.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
@@ -138,6 +181,33 @@ class TrainerMetrics:
         self._rate = RateMeter()
         self.port: int | None = None
         self._server: Any = None
+
+    def observe_drift(self, drift: DriftMonitor, signal: str, value: float, batch: int) -> bool:
+        """Feed ``drift`` one per-batch value and update the drift metrics.
+
+        Parameters
+        ----------
+        drift
+            The trainer's monitor.
+        signal
+            ``"loss"`` or ``"agreement"``.
+        value
+            The batch's value.
+        batch
+            The trainer's batch count.
+
+        Returns
+        -------
+        bool
+            True when the value completes a drift event (logged and counted here).
+        """
+        event = drift.update(signal, value, batch)
+        if event:
+            self.drift_events.labels(signal=signal).inc()
+            log.warning("drift in %s at batch %d (ADWIN mean now %.4f)", signal, batch,
+                        drift.detectors[signal].estimation)
+        self.drift_state.labels(signal=signal).set(int(drift.in_drift(signal, batch)))
+        return event
 
     def consumed(self, n: int) -> None:
         self.events.inc(n)

@@ -21,6 +21,7 @@ never run ahead of a checkpoint.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -29,7 +30,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from codistill.fsio import fsync_path
 from student.base import Student
+from student.online.schedule import FLUSH_PARTITION  # noqa: F401 - re-exported (ledger keys)
 
 LATEST = "LATEST"
 STATE_FILE = "state.json"
@@ -48,7 +50,6 @@ STATE_FORMAT = 1
 _NAME = re.compile(r"^ckpt-(\d{9,})$")
 
 Key = tuple[str, int, int, int]  # (topic, partition, start offset, end offset)
-FLUSH_PARTITION = -1  # ledger partition of the end-of-input joiner flush (until_end mode)
 
 
 class LedgerViolation(RuntimeError):
@@ -65,6 +66,11 @@ class Ledger:
     Applied ranges are kept merged (contiguous batches collapse into one interval),
     so the exactly-once check stays O(1) in memory however long the trainer runs;
     the last ``keep_recent`` keys are kept verbatim for audits and tests.
+
+    Parameters
+    ----------
+    keep_recent
+        How many of the last applied keys :attr:`recent` keeps.
     """
 
     def __init__(self, keep_recent: int = 10_000) -> None:
@@ -92,6 +98,7 @@ class Ledger:
             )
 
     def record(self, key: Key) -> None:
+        """Mark ``key`` applied (after :meth:`check`), merging it into its partition's spans."""
         self.check(key)
         topic, partition, start, end = key
         spans = self.intervals.setdefault((topic, partition), [])
@@ -107,6 +114,28 @@ class Ledger:
         self.recent.append(key)
         del self.recent[: max(len(self.recent) - self.keep_recent, 0)]
         self.count += 1
+
+    def check_resume(self, topic: str, offsets: dict[int, int]) -> None:
+        """Raise :class:`LedgerViolation` unless ``offsets`` are exactly what was applied.
+
+        Batches are contiguous from offset 0, so partition ``p`` resumes at ``next`` only
+        if the ledger covers ``[0, next)`` and nothing beyond; anything else means the
+        offsets and the weights come from different histories.
+
+        Parameters
+        ----------
+        topic
+            The events topic.
+        offsets
+            The next offset per partition, as a checkpoint holds them.
+        """
+        for p, nxt in offsets.items():
+            spans = self.intervals.get((topic, p), [])
+            if spans != ([[0, nxt]] if nxt else []):
+                raise LedgerViolation(
+                    f"checkpoint resumes {topic}[{p}] at offset {nxt} but its ledger "
+                    f"applied {spans}: offsets and weights disagree, refusing to train"
+                )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -174,6 +203,7 @@ def capture_rng(state: TrainerState) -> dict[str, torch.Tensor]:
 
 
 def restore_rng(state: TrainerState, tensors: dict[str, torch.Tensor]) -> None:
+    """Set the Python, NumPy and torch RNGs back to what :func:`capture_rng` saved."""
     if state.python_rng is not None:
         version, internal, gauss = state.python_rng
         random.setstate((version, tuple(internal), gauss))
@@ -185,7 +215,19 @@ def restore_rng(state: TrainerState, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def optimizer_split(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """``state_dict`` as (tensors for safetensors, JSON-ready rest)."""
+    """An optimizer's ``state_dict`` as (tensors for safetensors, JSON-ready rest).
+
+    Parameters
+    ----------
+    optimizer
+        Any torch optimizer.
+
+    Returns
+    -------
+    tuple[dict[str, torch.Tensor], dict]
+        ``state.<param index>.<name>`` -> tensor (views of the live state: save or
+        copy them before the next step), and ``param_groups`` + non-tensor state.
+    """
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     other: dict[str, dict[str, Any]] = {}
@@ -200,6 +242,18 @@ def optimizer_split(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
 
 
 def optimizer_join(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`optimizer_split`: a ``state_dict`` for ``load_state_dict``.
+
+    Parameters
+    ----------
+    tensors, meta
+        The two halves :func:`optimizer_split` returned.
+
+    Returns
+    -------
+    dict
+        ``{"state": {param index: {name: value}}, "param_groups": [...]}``.
+    """
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         _, pid, name = key.split(".", 2)
@@ -226,7 +280,15 @@ class Checkpoint:
 
 
 class CheckpointManager:
-    """Writes and reads checkpoints under ``root`` (see the module docstring)."""
+    """Writes and reads checkpoints under ``root`` (see the module docstring).
+
+    Parameters
+    ----------
+    root
+        The trainer's checkpoint directory (created if missing).
+    keep
+        Complete checkpoints kept (the newest ``keep``).
+    """
 
     def __init__(self, root: str | Path, keep: int = 2) -> None:
         if keep < 1:
@@ -234,6 +296,23 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep = keep
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def try_lock(self) -> IO[bytes] | None:
+        """Lock ``<root>/.lock`` exclusively: the open file holding it, or None when another
+        process holds it (the OS drops the lock when the holder dies, SIGKILL included)."""
+        lock = open(self.root / ".lock", "a+b")  # noqa: SIM115 - held until unlock
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            return None
+        return lock
+
+    @staticmethod
+    def unlock(lock: IO[bytes]) -> None:
+        """Release a lock taken by :meth:`try_lock`."""
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        lock.close()
 
     @staticmethod
     def dir_name(batches: int) -> str:
@@ -284,7 +363,24 @@ class CheckpointManager:
         drift: bytes | None = None,
         before_switch: Callable[[], None] | None = None,
     ) -> Path:
-        """Write checkpoint ``state.batches`` atomically and make it LATEST."""
+        """Write checkpoint ``state.batches`` atomically and make it LATEST.
+
+        Parameters
+        ----------
+        student, optimizer
+            The model and its optimizer.
+        state
+            Offsets, joiner, counters, ledger; its RNG fields are filled here.
+        drift
+            The drift monitor's bytes (``drift.pkl``).
+        before_switch
+            Called after the rename, before ``LATEST`` moves (the crash hook).
+
+        Returns
+        -------
+        Path
+            The new checkpoint directory.
+        """
         final = self.root / self.dir_name(state.batches)
         if final == self.latest_path():
             raise CheckpointError(f"{final} is LATEST already; a new checkpoint needs progress")
@@ -328,3 +424,39 @@ class CheckpointManager:
         drift_file = path / DRIFT_FILE
         return Checkpoint(path, state, optim, load_file(str(path / RNG_FILE)),
                           drift_file.read_bytes() if drift_file.exists() else None)
+
+
+def export_student(student: Student, out: str | Path, trainer_meta: dict[str, Any]) -> Path:
+    """Replace the directory ``out`` with ``student`` (a normal loadable student directory).
+
+    The student is written next to ``out`` and renamed into place, with
+    ``trainer.json`` (``trainer_meta``) beside its files; leftovers of a process
+    killed half-way are removed first.
+
+    Parameters
+    ----------
+    student
+        The model to save.
+    out
+        The final directory.
+    trainer_meta
+        JSON-ready facts about the run that produced it.
+
+    Returns
+    -------
+    Path
+        ``out``.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*-*"):  # left by a process killed here
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    student.save(tmp)
+    (tmp / "trainer.json").write_text(json.dumps(trainer_meta, indent=1))
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out

@@ -90,7 +90,22 @@ def build_batch(
     labels: Mapping[str, SoftLabelRecord | None],
     texts: Mapping[str, str | None],
 ) -> TrainingBatch:
-    """Build the training batch of ``joined`` (see the module docstring for the rules)."""
+    """Build the training batch of ``joined`` (see the module docstring for the rules).
+
+    Parameters
+    ----------
+    joined
+        Joined impressions, in order.
+    labels
+        Soft-label record per query id (None or missing: no teacher for it).
+    texts
+        Candidate text per candidate id (None or missing: the candidate is dropped).
+
+    Returns
+    -------
+    TrainingBatch
+        One row per impression that can teach, with its :class:`BatchStats`.
+    """
     stats = BatchStats(impressions=len(joined))
     rows: list[tuple[JoinedImpression, list[str], list[str], list[float] | None, list[float],
                      list[float]]] = []
@@ -154,8 +169,21 @@ def build_batch(
 def top1_agreement(student: Tensor, teacher: Tensor, mask: Tensor, rows: Tensor) -> float | None:
     """Share of ``rows`` where the student's and the teacher's top candidate coincide.
 
-    The cheapest teacher-student agreement signal that needs no threshold; None when
-    no row has a teacher (nothing to compare).
+    The cheapest teacher-student agreement signal that needs no threshold.
+
+    Parameters
+    ----------
+    student, teacher
+        Logits ``[B, K]``.
+    mask
+        Real candidates ``[B, K]``.
+    rows
+        Rows to compare ``[B]`` (those with a teacher).
+
+    Returns
+    -------
+    float | None
+        The share in ``[0, 1]``; None when no row has a teacher (nothing to compare).
     """
     if not bool(rows.any()):
         return None
@@ -168,9 +196,18 @@ def top1_agreement(student: Tensor, teacher: Tensor, mask: Tensor, rows: Tensor)
 class CachingTokenizer(SubwordTokenizer):
     """A :class:`SubwordTokenizer` that remembers each text's ids (LRU, ``capacity`` texts).
 
-    A stream shows the same candidates over and over, and WordPiece-encoding them was
-    ~80% of a training step (measured: 0.16 s of 0.2 s for 360 code texts). Output is
-    identical to the wrapped tokenizer's: rows padded with 0 to the longest in the call.
+    A stream shows the same candidates over and over, and WordPiece-encoding the same
+    code texts again is a large part of a step on CPU (the per-phase times of
+    ``benchmarks/results/online_throughput.json`` show where a trainer's time goes).
+    Output is identical to the wrapped tokenizer's: rows padded with 0 to the longest
+    in the call.
+
+    Parameters
+    ----------
+    base
+        A fitted tokenizer; its state is shared, not copied.
+    capacity
+        Texts kept (least recently used dropped first).
     """
 
     def __init__(self, base: SubwordTokenizer, capacity: int = 200_000) -> None:

@@ -33,7 +33,7 @@ from streaming.base import EventStream, Record
 from streaming.events import Feedback, Impression
 from streaming.generator import ClickModel, GeneratedStream, QuerySpec, generate_stream
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VERSION = "tv-synthetic-1"
 DIM = 8
 

@@ -1,0 +1,82 @@
+"""What every stage's commands share: consoles, settings loading, progress, errors.
+
+Each stage owns its ``commands`` module (a ``typer.Typer``); the app layer
+(:mod:`codistill.app.cli`) mounts them. The root callback records the global
+options (``--config``, ``--home``, ``--quiet``) here, so a stage's command gets
+the effective settings with one call and no import of the app.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from codistill.config import Settings, load_settings
+
+console = Console(stderr=True)  # progress, warnings, errors
+out = Console()  # results
+
+_STATE: dict[str, Any] = {}
+
+USAGE_ERROR = 2  # bad input, a missing prerequisite: the message says what to do
+METRIC_COLUMNS = ("mrr@10", "ndcg@10", "recall@1", "recall@5", "recall@10", "n_queries")
+
+
+def configure(config: Any = None, home: Any = None, progress: bool = True) -> None:
+    """Record the global options of the ``codistill`` callback (once per invocation)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
+    _STATE.clear()
+    _STATE.update(config=config, home=home, progress=progress)
+
+
+def settings(**overrides: Any) -> Settings:
+    """The effective settings: defaults < file < environment < ``overrides`` (CLI flags).
+
+    An invalid file or value is a user error: one message and exit code 2.
+    """
+    if _STATE.get("home") is not None:
+        overrides.setdefault("home", _STATE["home"])
+    try:
+        s = load_settings(_STATE.get("config"), **overrides)
+    except Exception as exc:  # pydantic / file errors: say what is wrong, no traceback
+        console.print("[red]invalid configuration:[/red]", end=" ")
+        console.print(str(exc), markup=False, soft_wrap=True)
+        raise typer.Exit(USAGE_ERROR) from None
+    if s.threads:
+        import torch
+
+        torch.set_num_threads(s.threads)
+    return s
+
+
+def progress() -> bool:
+    """Whether to draw progress bars: not with ``--quiet``, and only on a terminal
+    unless ``CODISTILL_PROGRESS=1``."""
+    return (bool(_STATE.get("progress", True)) and sys.stderr.isatty()
+            or os.environ.get("CODISTILL_PROGRESS") == "1")
+
+
+def fail(exc: BaseException) -> typer.Exit:
+    """Print ``error: <exc>`` on one line (no markup: paths may hold ``[]``); exit code 1."""
+    console.print("[red]error:[/red]", end=" ")
+    console.print(str(exc), markup=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
+def metrics_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
+    """Ranking metrics, one row per model, as a ``rich`` table."""
+    table = Table(title=title)
+    table.add_column("")
+    for c in METRIC_COLUMNS:
+        table.add_column(c, justify="right")
+    for name, m in rows.items():
+        table.add_row(name, *(f"{m[c]:.4f}" if c != "n_queries" else str(int(m[c]))
+                              for c in METRIC_COLUMNS))
+    return table

@@ -1,0 +1,84 @@
+"""``codistill store ...``: inspect the candidate / soft-label store and manage pins."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Literal
+
+import typer
+from rich.table import Table
+
+from codistill import console as cli
+from stores import open_configured_store
+
+store_app = typer.Typer(help="Inspect and manage the candidate / soft-label store.",
+                        no_args_is_help=True)
+
+
+@store_app.command("info")
+def store_info() -> None:
+    """Versions in the store, their status, pins and the current one."""
+    s = cli.settings()
+    try:
+        store = open_configured_store(s)
+    except Exception as exc:
+        raise cli.fail(exc) from None
+    try:
+        current = store.current()
+        table = Table("version", "status", "model", "scale", "dim", "counts", "pins",
+                      title=store.describe())
+        for info in store.versions():
+            v = info.teacher_version
+            table.add_row(("* " if v == current else "  ") + v, info.status, info.model,
+                          f"{info.logit_scale:g}", str(info.dim), json.dumps(info.counts),
+                          ", ".join(sorted(store.pins(v))))
+        cli.out.print(table)
+    finally:
+        store.close()
+
+
+@store_app.command("pins")
+def store_pins() -> None:
+    """Durable pins and leases on every version, with their age (expired leases collected)."""
+    now = time.time()
+    with open_configured_store(cli.settings()) as store:
+        current = store.current()
+        table = Table("version", "kind", "owner", "age", "expires", title=store.describe())
+        for info in store.versions():
+            v = info.teacher_version
+            for h in store.holds(v):
+                table.add_row(("* " if v == current else "  ") + v,
+                              "durable pin" if h.kind == "pin" else "lease", h.owner,
+                              _span(now - h.created_at) if h.created_at else "unknown",
+                              "never" if h.expires_at is None
+                              else f"expires in {_span(h.expires_at - now)}")
+        cli.out.print(table)
+
+
+def _span(seconds: float) -> str:
+    """``42s``, ``7m``, ``3h``, ``2d``."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+@store_app.command("pin")
+def store_pin(version: str, consumer: str) -> None:
+    """A durable pin for a consumer: the version is never deleted or expired until unpinned."""
+    _change_pin("pin", version, consumer)
+    cli.out.print(f"pinned {version} for {consumer}")
+
+
+@store_app.command("unpin")
+def store_unpin(version: str, consumer: str) -> None:
+    """Release a consumer's pin (the version may expire once no pin and not current)."""
+    _change_pin("unpin", version, consumer)
+    cli.out.print(f"unpinned {version} for {consumer}")
+
+
+def _change_pin(action: Literal["pin", "unpin"], version: str, consumer: str) -> None:
+    """``store.pin`` or ``store.unpin`` on the configured store, closed afterwards."""
+    with open_configured_store(cli.settings()) as store:
+        getattr(store, action)(version, consumer)

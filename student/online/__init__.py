@@ -1,0 +1,62 @@
+"""The online trainer (``codistill student online``): exactly-once distillation from a stream.
+
+One trainer process is the single writer of its student. It pins the teacher
+version it distils from, then repeats, forever or until the input ends:
+
+1. **Deterministic batch** (:mod:`~student.online.schedule`). Batch ``k`` of
+   partition ``p`` is offsets ``[kB, (k+1)B)``; partitions take turns in sorted
+   order and a batch is taken only when it is complete (``strict_order``: the turn
+   waits for it), so the same log always yields the same sequence of updates.
+   ``until_end`` (tests, demo: the producer is known to be finished) also applies
+   each partition's final partial batch and then flushes the joiner.
+2. **Validate and join** (:mod:`~student.online.reader`). Bad records go to the
+   dead-letter topic with their reason (never a crash); valid events feed the
+   per-partition event-time Joiner.
+3. **One step** (:mod:`~student.online.learner`). Soft labels of the ready
+   impressions' queries are fetched in one batched call, candidate texts in
+   another; ``OnlineLoss`` mixes listwise KD with IPW click feedback; queries
+   without labels train on feedback only. An unreachable store is retried with
+   capped exponential backoff (:mod:`~student.online.faults`) - the *same* batch,
+   never skipped. All store reads of a batch happen before its side effects, so a
+   retry never sends a dead letter twice.
+4. **Checkpoint, then commit** (:mod:`~student.online.checkpoint`). Every
+   ``checkpoint_every`` batches the model, optimizer, offsets, joiner, RNG,
+   counters and the ledger of applied batches are written atomically; only then
+   are the offsets committed to the consumer group. On restart the checkpoint -
+   not the group - says where to resume, and the ledger refuses to apply any
+   offset twice.
+
+Why this is exactly-once: the model state and the offsets that produced it are
+saved in one atomic step, so after a crash anywhere the trainer resumes from a
+state whose offsets match its weights; the batches after that checkpoint are
+replayed from the same offsets with the same joiner and RNG state and therefore
+recompute the same updates. Dead letters are at-least-once (keyed by source
+position, so readers can drop repeats); Prometheus counters restart at zero.
+
+Test hook: ``CODISTILL_TRAINER_CRASH_AT="after_step:5,after_checkpoint:9"`` makes
+the process SIGKILL itself at those points when its batch count reaches those
+numbers (``before_latest`` = checkpoint renamed, LATEST not yet switched).
+
+Layout: :mod:`~student.online.trainer` (:class:`OnlineTrainer`, the I/O) drives
+:class:`~student.online.learner.OnlineLearner` (student + optimizer + loss, usable
+in-process without any stream or store); ``python -m student.online`` runs one
+trainer (:mod:`student.online.__main__`).
+"""
+
+from codistill.config import BackoffConfig, OnlineTrainerConfig
+from student.online.bootstrap import TrainerError
+from student.online.faults import CRASH_ENV
+from student.online.learner import JoinedBatch, LearnStats, OnlineLearner
+from student.online.trainer import OnlineTrainer, run_online
+
+__all__ = [
+    "CRASH_ENV",
+    "BackoffConfig",
+    "JoinedBatch",
+    "LearnStats",
+    "OnlineLearner",
+    "OnlineTrainer",
+    "OnlineTrainerConfig",
+    "TrainerError",
+    "run_online",
+]

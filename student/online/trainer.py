@@ -1,0 +1,495 @@
+"""The online trainer's I/O around the learner: what makes each step happen exactly once.
+
+:class:`~student.online.learner.OnlineLearner` takes a step on a joined batch and
+knows nothing of where batches come from. :class:`OnlineTrainer` is the rest: one
+writer per trainer name, the pinned teacher version, the offset schedule, reading,
+validating and joining, batched fetches with retries, checkpoint-then-commit,
+metrics and drift, signals, the crash hook and the export of the final student.
+The protocol and why it is exactly-once: :mod:`student.online`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from codistill.config import OnlineTrainerConfig, Settings
+from stores import open_store
+from stores.base import Store
+from streaming import open_stream
+from streaming.base import EventStream, Record
+from streaming.dlq import DeadLetterQueue
+from streaming.join import JoinedImpression, Joiner
+from student.base import Student
+from student.online.batching import CachingTokenizer
+from student.online.bootstrap import TrainerError, candidate_source, new_student, resolve_version
+from student.online.checkpoint import (
+    FLUSH_PARTITION,
+    CheckpointManager,
+    Key,
+    TrainerState,
+    export_student,
+    restore_rng,
+)
+from student.online.faults import BackoffRetry, CrashHook, Interrupted, stop_on_signals
+from student.online.learner import JoinedBatch, LearnStats, OnlineLearner
+from student.online.reader import read_range, validate_records
+from student.online.schedule import Wait, next_batch
+from student.online.telemetry import DriftMonitor, TrainerMetrics
+
+log = logging.getLogger("codistill.trainer")
+
+
+class OnlineTrainer:
+    """The single writer of one online student (see :mod:`student.online`).
+
+    Parameters
+    ----------
+    settings
+        Where the store, the stream and ``HOME`` are.
+    cfg
+        The trainer's config; default ``settings.online``.
+    store, stream
+        Already open backends to use (and leave open); default: open the configured ones.
+
+    Examples
+    --------
+    ``with OnlineTrainer(settings) as trainer: summary = trainer.run()``
+    """
+
+    def __init__(self, settings: Settings, cfg: OnlineTrainerConfig | None = None,
+                 store: Store | None = None, stream: EventStream | None = None) -> None:
+        self.settings = settings
+        self.cfg = cfg = cfg if cfg is not None else settings.online
+        stream_settings = settings.resolved_stream()
+        self.topic, self.dlq_topic = stream_settings.topic, stream_settings.dlq_topic
+        self.group = cfg.group or f"codistill-trainer-{cfg.name}"
+        self.consumer = f"trainer:{cfg.name}"
+        self._own_store, self._own_stream = store is None, stream is None
+        self.store: Store = store if store is not None else open_store(settings.resolved_store())
+        self.stream: EventStream = stream if stream is not None else open_stream(stream_settings)
+        base = settings.home / "online" / cfg.name
+        self.checkpoints = CheckpointManager(cfg.checkpoint_dir or base / "checkpoints",
+                                             cfg.keep_checkpoints)
+        self.output_dir = cfg.output_dir or base / "student"
+        self.metrics = TrainerMetrics()
+        self.dlq = DeadLetterQueue(self.stream, self.dlq_topic, self.metrics.registry)
+        self.counters: dict[str, float] = {}
+        self._retry = BackoffRetry(cfg.backoff, self._count, self.metrics, lambda: self._stop)
+        self._crash_hook = CrashHook()
+        self._stop = False
+        self._ends: dict[int, int] = {}
+        self._run_batches = 0
+        self._run_events = 0
+        self._last_ckpt = -1
+        self.phase_seconds: defaultdict[str, float] = defaultdict(float)
+        self.loop_seconds = 0.0
+        self.resumed_from: str | None = None
+        self._lock: Any = None
+        self.last_checkpoint: Path | None = None
+        self.version = ""
+        self.partitions: list[int] = []
+        self.learner: OnlineLearner
+
+    @property
+    def student(self) -> Student:
+        """The model being trained (the learner's), once ``run`` has set it up."""
+        return self.learner.student
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The learner's optimizer."""
+        return self.learner.optimizer
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train until the input ends (``until_end``), ``max_batches`` or SIGTERM/SIGINT.
+
+        Returns
+        -------
+        dict
+            The run's summary (see :meth:`summary`).
+        """
+        started = time.monotonic()
+        restore = stop_on_signals(self.request_stop)
+        threads = torch.get_num_threads()
+        deterministic = (torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled())
+        interrupted = False
+        try:
+            self._setup()
+            loop_start = time.perf_counter()
+            try:
+                self._loop()
+            except Interrupted:
+                interrupted = True  # mid-batch: the in-memory state is not a consistent cut
+                log.warning("stopped during an outage; resuming will redo the batches "
+                            "after checkpoint %s", self._last_ckpt)
+            if not interrupted and self.state.batches != self._last_ckpt:
+                self._checkpoint()
+            self.loop_seconds = time.perf_counter() - loop_start
+            if not interrupted:
+                self._export_student()
+            return self.summary(time.monotonic() - started, interrupted)
+        finally:
+            restore()
+            torch.set_num_threads(threads)  # process-wide settings: leave them as found
+            if deterministic != (torch.are_deterministic_algorithms_enabled(),
+                                 torch.is_deterministic_algorithms_warn_only_enabled()):
+                torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+    def close(self) -> None:
+        """Stop the metrics server, release the lock, close what the trainer opened."""
+        self.metrics.close()
+        if self._lock is not None:
+            self.checkpoints.unlock(self._lock)
+            self._lock = None
+        if self._own_stream:
+            self.stream.close()
+        else:
+            self.stream.flush()
+        if self._own_store:
+            self.store.close()
+
+    def __enter__(self) -> OnlineTrainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request_stop(self) -> None:
+        """Finish the current batch, checkpoint, commit and return from ``run`` (thread-safe)."""
+        self._stop = True
+
+    # -- setup -----------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        threads = cfg.threads or self.settings.threads
+        if threads:
+            torch.set_num_threads(threads)
+        if cfg.deterministic and not torch.are_deterministic_algorithms_enabled():
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self._take_lock()
+        self.checkpoints.cleanup()
+        ckpt = self.checkpoints.load()
+        self.version = resolve_version(self.store, cfg, self._retry,
+                                       ckpt.state.teacher_version if ckpt else None)
+        self._retry("store", "pin", lambda: self.store.pin(self.version, self.consumer))
+        self.joiner: Joiner
+        if ckpt is not None:
+            st = ckpt.state
+            if st.topic != self.topic or st.batch_size != cfg.batch_size:
+                raise TrainerError(
+                    f"checkpoint {ckpt.path} was written for topic {st.topic!r} with batch_size "
+                    f"{st.batch_size}; this run has {self.topic!r} / {cfg.batch_size}: batch "
+                    "boundaries would move. Use another trainer name to start afresh."
+                )
+            student = Student.load(
+                ckpt.path, expected_teacher_version=self.version,
+                candidate_source=candidate_source(self.store, self.version, self._retry))
+            self.learner = OnlineLearner.from_config(student, cfg)
+            self.learner.optimizer.load_state_dict(ckpt.optimizer_state)
+            restore_rng(st, ckpt.rng)  # after Student.load, whose module init draws from it
+            self.state = st
+            self.joiner = Joiner.from_state(st.joiner)
+            self.drift = (DriftMonitor.loads(ckpt.drift) if ckpt.drift is not None
+                          else DriftMonitor(cfg.drift_delta))
+            self.counters = dict(st.counters)
+            self._last_ckpt = st.batches
+            self.resumed_from = ckpt.path.name
+            log.info("resuming from %s: %d batches applied, offsets %s", ckpt.path, st.batches,
+                     st.offsets)
+        else:
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            torch.manual_seed(cfg.seed)
+            student = new_student(self.store, self.settings, cfg, self.version, self._retry)
+            self.learner = OnlineLearner.from_config(student, cfg)
+            self.state = TrainerState(cfg.name, self.version, self.topic, cfg.batch_size)
+            self.joiner = Joiner(cfg.window_s, cfg.allowed_lateness_s)
+            self.drift = DriftMonitor(cfg.drift_delta)
+        if cfg.token_cache:
+            student.tokenizer = CachingTokenizer(student.tokenizer, cfg.token_cache)
+        self.partitions = sorted(self._retry("stream", "partitions",
+                                             lambda: self.stream.partitions(self.topic)))
+        for p in self.partitions:
+            self.state.offsets.setdefault(p, 0)
+        if ckpt is not None:
+            self._check_resume_point()
+            self._commit()  # a crash between checkpoint and commit left the group behind
+        self.metrics.info.labels(name=cfg.name, teacher_version=self.version).set(1)
+        self.metrics.last_checkpoint.set(max(self._last_ckpt, 0))
+        self.metrics.serve(cfg.metrics_port)
+
+    def _take_lock(self) -> None:
+        """One writer per checkpoint directory: a second trainer of the same name refuses."""
+        if self._lock is None:
+            self._lock = self.checkpoints.try_lock()
+            if self._lock is None:
+                raise TrainerError(f"another trainer holds {self.checkpoints.root}: trainer "
+                                   f"{self.cfg.name!r} is already running")
+
+    def _check_resume_point(self) -> None:
+        """The checkpoint's offsets must match its ledger; warn if the group is ahead."""
+        self.state.ledger.check_resume(
+            self.topic, {p: self.state.offsets[p] for p in self.partitions})
+        for p in self.partitions:
+            nxt = self.state.offsets[p]
+            group = self._retry("stream", "committed",
+                                lambda p=p: self.stream.committed(self.group, self.topic, p))
+            if group is not None and group > nxt:
+                log.warning("group %s committed %s[%d] up to %d, past the checkpoint's %d: "
+                            "another consumer uses this group? Resuming from the checkpoint",
+                            self.group, self.topic, p, group, nxt)
+
+    # -- the loop --------------------------------------------------------------------------
+    def _done(self) -> bool:
+        limit = self.cfg.max_batches
+        return self._stop or (limit is not None and self._run_batches >= limit)
+
+    def _loop(self) -> None:
+        """Apply what :func:`~student.online.schedule.next_batch` says, waiting for data."""
+        cfg, n = self.cfg, len(self.partitions)
+        size, state = cfg.batch_size, self.state
+        targets: dict[int, int] | None = None
+        if cfg.until_end:
+            targets = {p: self._end(p) for p in self.partitions}
+        idle, waiting = 0, False
+        while not self._done():
+            step = next_batch(self.partitions, state.offsets, self._ends, state.turn, size,
+                              targets, flush=cfg.flush_at_end and not state.flushed)
+            if step is None:
+                return
+            state.turn = step.turn  # past the partitions whose records are all applied
+            if isinstance(step, Wait):
+                p, start = step.partition, step.start
+                if self._end(p) >= start + size:
+                    continue  # the cached end offset was stale: the batch is there
+                if not waiting:
+                    log.info("waiting for a full batch on %s[%d] at offset %d", self.topic, p,
+                             start)
+                    waiting = True
+                if cfg.strict_order:
+                    time.sleep(cfg.poll_interval_s)
+                else:
+                    state.turn, idle = step.next_turn, idle + 1
+                    if idle >= n:
+                        time.sleep(cfg.poll_interval_s)
+                        idle = 0
+                continue
+            idle, waiting = 0, False
+            p = step.partition
+            records = None if step.is_flush else self._read(p, step.start, step.end)
+            self._apply((self.topic, p, step.start, step.end), records, step.next_turn)
+
+    def _end(self, p: int) -> int:
+        end = self._retry("stream", "end offset", lambda: self.stream.end_offset(self.topic, p))
+        self._ends[p] = end
+        self.metrics.lag.labels(partition=str(p)).set(end - self.state.offsets.get(p, 0))
+        return end
+
+    @contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        """Accumulate wall time per phase (the benchmark's breakdown)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] += time.perf_counter() - t0
+
+    def _read(self, p: int, start: int, end: int) -> list[Record]:
+        with self._timed("read"):
+            return read_range(self.stream, self.topic, p, start, end, self._retry,
+                              lambda: self._stop)
+
+    # -- one batch -------------------------------------------------------------------------
+    def _apply(self, key: Key, records: list[Record] | None, next_turn: int) -> None:
+        """Apply one unit (an offset batch, or the final flush) and maybe checkpoint."""
+        self.state.ledger.check(key)
+        if records is None:
+            ready = self.joiner.flush()
+        else:
+            with self._timed("validate"):
+                valid = validate_records(records, self.store, self.version, self.dlq,
+                                         self._retry, self._count)
+            with self._timed("join"):
+                for rec, event in valid:
+                    self.joiner.add(event, rec.partition)
+                ready = self.joiner.pop_ready()
+        self._train(ready)
+        # the unit is applied: advance the in-memory state as one step
+        _, p, _, end = key
+        self.state.ledger.record(key)
+        self.state.batches += 1
+        self.state.turn = next_turn
+        if p == FLUSH_PARTITION:
+            self.state.flushed = True
+        else:
+            self.state.offsets[p] = end
+            self.metrics.lag.labels(partition=str(p)).set(self._ends.get(p, end) - end)
+        n = len(records or [])
+        self._count("events_consumed", n)
+        self._run_events += n
+        self._run_batches += 1
+        self.metrics.consumed(n)
+        self.metrics.batches.inc()
+        self._crash("after_step")
+        if self.state.batches % self.cfg.checkpoint_every == 0:
+            self._checkpoint()
+
+    def _train(self, ready: list[JoinedImpression]) -> None:
+        """Fetch what ``ready`` needs (one batched call each), step, record the stats."""
+        self._count("impressions_joined", len(ready))
+        self.metrics.impressions.inc(len(ready))
+        if not ready:
+            self._count("empty_batches")
+            return
+        with self._timed("fetch"):
+            batch = JoinedBatch.fetch(
+                ready,
+                lambda qids: self._retry("store", "get_labels",
+                                         lambda: self.store.get_labels(self.version, qids)),
+                lambda cids: self._retry("store", "get_texts",
+                                         lambda: self.store.get_texts(cids)))
+        with self._timed("step"):
+            stats = self.learner.learn_many(batch)
+            self._record(stats)
+
+    def _record(self, stats: LearnStats) -> None:
+        """Counters, metrics and drift detectors of one ``learn_many``."""
+        s = stats.batch
+        for name in ("label_hits", "label_misses", "label_misaligned", "text_misses", "clicks"):
+            self._count(name, getattr(s, name))
+        self._count("skipped_impressions", s.skipped)
+        self._count("rows", s.rows)
+        self.metrics.label_hits.inc(s.label_hits)
+        self.metrics.label_misses.inc(s.label_misses + s.label_misaligned)
+        if not stats.stepped:
+            self._count("empty_batches")  # no row, or a zero gradient: no step
+            return
+        assert stats.loss is not None and stats.kd is not None and stats.feedback is not None
+        self.state.optimizer_steps += 1
+        self.metrics.steps.inc()
+        loss = stats.loss
+        self.counters.update(loss_last=loss, kd_last=stats.kd, feedback_last=stats.feedback)
+        self.metrics.loss.labels(part="total").set(loss)
+        self.metrics.loss.labels(part="kd").set(stats.kd)
+        self.metrics.loss.labels(part="feedback").set(stats.feedback)
+        self._observe("loss", loss)
+        if stats.agreement is not None:
+            self.counters["agreement_last"] = stats.agreement
+            self.metrics.agreement.set(stats.agreement)
+            self._observe("agreement", stats.agreement)
+
+    def _observe(self, signal_name: str, value: float) -> None:
+        if self.metrics.observe_drift(self.drift, signal_name, value, self.state.batches):
+            self._count(f"drift_events_{signal_name}")
+
+    # -- checkpoint + commit ---------------------------------------------------------------
+    def _checkpoint(self) -> None:
+        t0 = time.perf_counter()
+        self._retry("stream", "flush", self.stream.flush)  # dead letters of these batches
+        self.state.joiner = self.joiner.state()
+        self.state.counters = dict(self.counters)
+        for reason, value in self.joiner.counters.items():
+            self.metrics.join_dropped.labels(reason=reason).set(value)
+        self.last_checkpoint = self.checkpoints.save(
+            self.student, self.optimizer, self.state, self.drift.dumps(),
+            before_switch=lambda: self._crash("before_latest"),
+        )
+        self._last_ckpt = self.state.batches
+        self._crash("after_checkpoint")
+        self._commit()
+        seconds = time.perf_counter() - t0
+        self.metrics.checkpoint_seconds.observe(seconds)
+        self.phase_seconds["checkpoint"] += seconds
+        self.metrics.last_checkpoint.set(self.state.batches)
+
+    def _commit(self) -> None:
+        offsets = dict(self.state.offsets)
+        self._retry("stream", "commit", lambda: self.stream.commit(self.group, self.topic, offsets))
+
+    def _export_student(self) -> None:
+        """Replace ``output_dir`` with the final student (a normal loadable student dir)."""
+        export_student(self.student, self.output_dir, {
+            "name": self.cfg.name, "teacher_version": self.version, "batches": self.state.batches,
+            "offsets": {str(p): o for p, o in self.state.offsets.items()},
+            "checkpoint": None if self.last_checkpoint is None else self.last_checkpoint.name,
+        })
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _count(self, name: str, n: float = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def _crash(self, point: str) -> None:
+        self._crash_hook(point, self.state.batches)
+
+    def summary(self, seconds: float, interrupted: bool = False) -> dict[str, Any]:
+        """The run's summary: progress, counters, drift state, paths and timings.
+
+        Parameters
+        ----------
+        seconds
+            Wall time of the run.
+        interrupted
+            True when the run stopped mid-batch (no final checkpoint, no export).
+
+        Returns
+        -------
+        dict
+            JSON-ready (``python -m student.online`` prints it).
+        """
+        c = self.counters
+        return {
+            "name": self.cfg.name,
+            "teacher_version": self.version,
+            "group": self.group,
+            "topic": self.topic,
+            "resumed_from": self.resumed_from,
+            "interrupted": interrupted,
+            "batches": self.state.batches,
+            "batches_this_run": self._run_batches,
+            "optimizer_steps": self.state.optimizer_steps,
+            "offsets": {str(p): o for p, o in sorted(self.state.offsets.items())},
+            "ledger_batches": self.state.ledger.count,
+            "flushed": self.state.flushed,
+            "counters": {k: c[k] for k in sorted(c)},
+            "joiner": dict(self.joiner.counters),
+            "drift": self.drift.state(self.state.batches),
+            "checkpoint": None if self.last_checkpoint is None else str(self.last_checkpoint),
+            "student_dir": None if interrupted else str(self.output_dir),
+            "seconds": round(seconds, 3),
+            "loop_seconds": round(self.loop_seconds, 3),
+            "phase_seconds": {k: round(v, 3) for k, v in sorted(self.phase_seconds.items())},
+            "events_this_run": self._run_events,
+            "events_per_s": (round(self._run_events / self.loop_seconds, 1)
+                             if self.loop_seconds > 0 else 0.0),
+        }
+
+
+def run_online(settings: Settings, cfg: OnlineTrainerConfig | None = None) -> dict[str, Any]:
+    """Open the configured store and stream, run one trainer, close everything.
+
+    Parameters
+    ----------
+    settings
+        The settings (store, stream, ``HOME``).
+    cfg
+        The trainer config; default ``settings.online``.
+
+    Returns
+    -------
+    dict
+        The trainer's summary.
+    """
+    with OnlineTrainer(settings, cfg if cfg is not None else settings.online) as trainer:
+        return trainer.run()
