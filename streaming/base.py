@@ -24,6 +24,23 @@ class StreamUnavailable(StreamError):
     """The backend cannot be reached (the message names the address). Callers may retry."""
 
 
+class LogCorruption(StreamError):
+    """A log holds a bad record *before* its durable end: data that was synced is damaged.
+
+    Not a torn tail (those lie past the durable end and are repaired automatically).
+    Nothing past ``position`` is served or appended until an explicit repair
+    (``codistill events repair``), which truncates the log there.
+    """
+
+    def __init__(self, path: object, position: int, offset: int, detail: str) -> None:
+        super().__init__(
+            f"{path}: corrupt record at byte {position} (offset {offset}): {detail}; nothing "
+            "past it is served. `codistill events repair` truncates the log there (the "
+            "records after it are lost); restore the file from a backup to keep them"
+        )
+        self.path, self.position, self.offset = path, position, offset
+
+
 class UnknownTopic(StreamError):
     """The topic does not exist (create it with ``create_topic`` / ``ensure_topics``)."""
 

@@ -3,19 +3,23 @@
 Layout under ``settings.path``::
 
     <topic>/topic.json          {"partitions": N}, written once (first creator wins)
-    <topic>/<p>.log             frames: u32 length | u32 crc32(payload) | payload
-    <topic>/<p>.idx             sparse index: (i64 offset, i64 byte position) every 64 records
+    <topic>/<p>.log, .idx, .durable   one partition (:mod:`streaming.logfile`)
     __codistill_groups/<g>.json committed offsets {topic: {partition: next_offset}}
 
-payload = i64 timestamp_ms | i32 key length (-1 = no key) | key | value. Offsets are
-record indices, as in Kafka. Why this shape:
+Offsets are record indices, as in Kafka. Why this shape:
 
 * **Appends** happen under an exclusive ``fcntl.flock`` on the log, so several
-  producer processes can share a partition; ``flush`` fsyncs.
-* **Torn tails**: a writer killed mid-append leaves a frame whose length runs
-  past the end of file or whose CRC does not match. Readers stop at the first
-  such frame (they never return a partial record); the next writer, holding the
-  lock (so no append is in flight), truncates it before appending.
+  producer processes can share a partition. ``flush`` fsyncs and then publishes
+  the partition's *durable end*; readers never see a record past it, so a record
+  a reader (a trainer's checkpoint) has counted survives an OS crash, and no
+  later record can take its offset (group commit: one fsync per flush).
+* **Torn tails**: a writer killed mid-append leaves a frame past the durable end
+  whose length runs past the end of file or whose CRC does not match. The next
+  writer, holding the lock (so no append is in flight), truncates it.
+* **Corruption**: a bad frame *before* the durable end means synced data was
+  damaged. Every process CRC-checks each durable byte once before serving past
+  it; a bad frame raises :class:`streaming.base.LogCorruption` (file, byte and
+  record offset) for readers and writers alike, until ``repair`` truncates there.
 * **Reads by offset** start from the nearest sparse-index entry (or the end of
   the previous read), so a read costs O(records returned + 64), not a scan
   of the file. The index is written after the data it points to; a writer that
@@ -30,153 +34,44 @@ import fcntl
 import json
 import os
 import re
-import struct
 import threading
 import time
-import zlib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 from codistill.fsio import atomic_write_json, fsync_path
-from streaming.base import Record, StreamError, UnknownTopic
+from streaming.base import LogCorruption, Record, UnknownTopic
+from streaming.groups import EmbeddedGroupConsumer, group_path
+from streaming.logfile import (
+    FRAME,
+    INDEX,
+    INDEX_INTERVAL,
+    FrameScan,
+    Partition,
+    decode_record,
+    encode_frame,
+)
+from streaming.logfile import write_all as _write_all
 from streaming.partitioner import partition_for
 
-FRAME = struct.Struct("<II")  # payload length, crc32(payload)
-HEAD = struct.Struct("<qi")  # timestamp_ms, key length (-1: None)
-INDEX = struct.Struct("<qq")  # offset, byte position of its frame
-INDEX_INTERVAL = 64
-MAX_PAYLOAD = 64 << 20  # a larger "length" can only be garbage
+__all__ = ["INDEX", "INDEX_INTERVAL", "EmbeddedGroupConsumer", "EmbeddedStream", "RepairReport",
+           "encode_frame"]
+
 WRITE_BATCH_BYTES = 1 << 20  # buffered bytes per partition before an (unsynced) write
 GROUPS_DIR = "__codistill_groups"
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
-def encode_frame(key: str | None, value: bytes, timestamp_ms: int) -> bytes:
-    kb = b"" if key is None else key.encode("utf-8")
-    payload = HEAD.pack(timestamp_ms, -1 if key is None else len(kb)) + kb + value
-    return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+@dataclass(frozen=True)
+class RepairReport:
+    """What ``EmbeddedStream.repair`` did to one partition."""
 
-
-def _decode(topic: str, partition: int, offset: int, payload: bytes) -> Record:
-    ts, klen = HEAD.unpack_from(payload)
-    start = HEAD.size + max(klen, 0)
-    key = None if klen < 0 else payload[HEAD.size : start].decode("utf-8")
-    return Record(topic, partition, offset, key, payload[start:], ts)
-
-
-def iter_frames(fd: int, pos: int, chunk: int = 16 << 10) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(position, payload)`` of consecutive valid frames from ``pos``.
-
-    Stops silently at end of file, at a frame that runs past it (torn or still
-    being written) and at a CRC mismatch: everything yielded is whole.
-    """
-    buf, base, off = b"", pos, 0
-    while True:
-        avail = len(buf) - off
-        if avail < FRAME.size:
-            more = os.pread(fd, chunk, base + len(buf))
-            if not more:
-                return
-            buf, base, off = buf[off:] + more, base + off, 0
-            chunk = min(chunk * 2, 4 << 20)
-            continue
-        length, crc = FRAME.unpack_from(buf, off)
-        if length < HEAD.size or length > MAX_PAYLOAD:
-            return
-        need = FRAME.size + length
-        if avail < need:
-            more = os.pread(fd, max(chunk, need - avail), base + len(buf))
-            if not more:
-                return
-            buf, base, off = buf[off:] + more, base + off, 0
-            continue
-        payload = buf[off + FRAME.size : off + need]
-        if zlib.crc32(payload) != crc:
-            return
-        yield base + off, payload
-        off += need
-
-
-def _write_all(fd: int, data: bytes, pos: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, pos)
-        view, pos = view[n:], pos + n
-
-
-@dataclass
-class _Partition:
-    """Per-partition file handles and caches of known-valid frame boundaries."""
-
-    log: Path
-    idx: Path
-    rfd: int | None = None
-    wfd: int | None = None
-    ifd: int | None = None
-    index_offsets: list[int] = field(default_factory=list)
-    index_positions: list[int] = field(default_factory=list)
-    index_bytes: int = 0
-    tail: tuple[int, int] = (0, 0)  # highest known (offset, byte position) boundary
-    cursor: tuple[int, int] = (0, 0)  # end of the previous read (sequential reads are O(1))
-    pending: list[bytes] = field(default_factory=list)
-    pending_bytes: int = 0
-    dirty: bool = False
-
-    def read_fd(self) -> int | None:
-        if self.rfd is None:
-            try:
-                self.rfd = os.open(self.log, os.O_RDONLY)
-            except FileNotFoundError:
-                return None
-        return self.rfd
-
-    def close(self) -> None:
-        for fd in (self.rfd, self.wfd, self.ifd):
-            if fd is not None:
-                os.close(fd)
-        self.rfd = self.wfd = self.ifd = None
-
-    # -- reader side ---------------------------------------------------------------------
-    def _load_index(self) -> None:
-        """Read index entries appended since the last call (a torn last entry is ignored)."""
-        try:
-            with open(self.idx, "rb") as fh:
-                fh.seek(self.index_bytes)
-                data = fh.read()
-        except FileNotFoundError:
-            return
-        usable = len(data) - len(data) % INDEX.size
-        for off, pos in INDEX.iter_unpack(data[:usable]):
-            if not self.index_offsets or off > self.index_offsets[-1]:
-                self.index_offsets.append(off)
-                self.index_positions.append(pos)
-        self.index_bytes += usable
-
-    def locate(self, offset: int) -> tuple[int, int]:
-        """The known frame boundary (offset, position) closest below ``offset``."""
-        if not self.index_offsets or offset >= self.index_offsets[-1] + INDEX_INTERVAL:
-            self._load_index()
-        best = (0, 0)
-        if self.index_offsets:
-            lo, hi = 0, len(self.index_offsets)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if self.index_offsets[mid] <= offset:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            if lo:
-                best = (self.index_offsets[lo - 1], self.index_positions[lo - 1])
-        for known in (self.tail, self.cursor):
-            if best[0] < known[0] <= offset:
-                best = known
-        return best
-
-    def note(self, offset: int, pos: int) -> None:
-        if offset > self.tail[0]:
-            self.tail = (offset, pos)
+    topic: str
+    partition: int
+    kept: int  # records before the first bad frame
+    dropped: int  # durable records lost (from the bad frame to the old durable end)
+    truncated_bytes: int
 
 
 class EmbeddedStream:
@@ -188,7 +83,7 @@ class EmbeddedStream:
         self.topic, self.dlq_topic, self.default_partitions = topic, dlq_topic, partitions
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._parts: dict[tuple[str, int], _Partition] = {}
+        self._parts: dict[tuple[str, int], Partition] = {}
         self._counts: dict[str, int] = {}
 
     # -- topics --------------------------------------------------------------------------
@@ -235,15 +130,15 @@ class EmbeddedStream:
     def partitions(self, topic: str) -> list[int]:
         return list(range(self._partition_count(topic)))
 
-    def _part(self, topic: str, partition: int) -> _Partition:
+    def _part(self, topic: str, partition: int) -> Partition:
         p = self._parts.get((topic, partition))
         if p is None:
             n = self._partition_count(topic)
             if not 0 <= partition < n:
                 raise ValueError(f"topic {topic!r} has partitions 0..{n - 1}, not {partition}")
             tdir = self._topic_dir(topic)
-            p = self._parts[(topic, partition)] = _Partition(
-                tdir / f"{partition}.log", tdir / f"{partition}.idx"
+            p = self._parts[(topic, partition)] = Partition(
+                tdir / f"{partition}.log", tdir / f"{partition}.idx", tdir / f"{partition}.durable"
             )
         return p
 
@@ -259,29 +154,38 @@ class EmbeddedStream:
                 self._append(part)
 
     def flush(self) -> None:
+        """Append what is buffered; it is durable and visible when this returns."""
         with self._lock:
             for part in self._parts.values():
                 if part.pending:
                     self._append(part)
-                if part.dirty:
-                    assert part.wfd is not None and part.ifd is not None
-                    os.fsync(part.wfd)
-                    os.fsync(part.ifd)
-                    part.dirty = False
 
-    def _append(self, part: _Partition) -> None:
-        """Write the partition's buffered frames under the exclusive lock (no fsync)."""
-        if part.wfd is None:
-            created = not part.log.exists()
-            part.wfd = os.open(part.log, os.O_RDWR | os.O_CREAT, 0o644)
-            part.ifd = os.open(part.idx, os.O_RDWR | os.O_CREAT, 0o644)
-            if created:
-                fsync_path(part.log.parent)
+    def _open_for_write(self, part: Partition) -> None:
+        if part.wfd is not None:
+            return
+        created = not part.log.exists()
+        if created and not part.durable.exists():  # a new log has a durable end from its start
+            part.write_durable(0, 0)
+        part.wfd = os.open(part.log, os.O_RDWR | os.O_CREAT, 0o644)
+        part.ifd = os.open(part.idx, os.O_RDWR | os.O_CREAT, 0o644)
+        if created:
+            fsync_path(part.log.parent)
+
+    def _append(self, part: Partition) -> None:
+        """Under the exclusive lock: write the buffered frames, fsync, publish the new end.
+
+        Either the whole batch becomes durable and visible, or (an fsync failed) it is
+        cut off the file again and stays buffered for the next ``flush``: no writer
+        ever leaves unpublished bytes behind, so whatever lies past the durable end is
+        the torn tail of a writer that died holding the lock.
+        """
+        self._open_for_write(part)
+        assert part.wfd is not None and part.ifd is not None
         fcntl.flock(part.wfd, fcntl.LOCK_EX)
         try:
-            offset, pos = self._recover(part)
-            data = b"".join(part.pending)
-            _write_all(part.wfd, data, pos)
+            start, start_pos = offset, pos = self._recover(part)
+            isize = os.fstat(part.ifd).st_size
+            _write_all(part.wfd, b"".join(part.pending), pos)
             entries = []
             for frame in part.pending:
                 if offset % INDEX_INTERVAL == 0 and offset:
@@ -289,22 +193,33 @@ class EmbeddedStream:
                 offset, pos = offset + 1, pos + len(frame)
             if entries:
                 self._append_index(part, entries)
+            try:
+                os.fsync(part.wfd)
+                os.fsync(part.ifd)
+            except OSError:
+                os.ftruncate(part.wfd, start_pos)  # roll back: nothing unpublished stays
+                os.ftruncate(part.ifd, isize)
+                part.tail = (start, start_pos)
+                raise
+            part.write_durable(offset, pos)
             part.note(offset, pos)
-            part.pending, part.pending_bytes, part.dirty = [], 0, True
+            part.pending, part.pending_bytes = [], 0
         finally:
             fcntl.flock(part.wfd, fcntl.LOCK_UN)
 
     @staticmethod
-    def _append_index(part: _Partition, entries: list[bytes]) -> None:
+    def _append_index(part: Partition, entries: list[bytes]) -> None:
         assert part.ifd is not None
         size = os.fstat(part.ifd).st_size
         _write_all(part.ifd, b"".join(entries), size - size % INDEX.size)
 
-    def _recover(self, part: _Partition) -> tuple[int, int]:
-        """Under the lock: find the valid end (offset, position), truncating a torn tail.
+    def _recover(self, part: Partition) -> tuple[int, int]:
+        """Under the lock: where the next frame goes, after cutting off a torn tail.
 
-        Starts from the last index entry or our cached tail, whichever is further, so
-        it only scans what other writers appended since (at most a few batches).
+        The durable part is verified first (corruption there raises, so nothing is
+        appended after damaged data); past the durable end lies only what a writer
+        killed mid-append left, which is cut off with its index entries. A log from
+        before durable ends existed is scanned to its last whole frame instead.
         """
         assert part.wfd is not None and part.ifd is not None
         size = os.fstat(part.wfd).st_size
@@ -312,10 +227,29 @@ class EmbeddedStream:
         if isize % INDEX.size:  # torn index entry from a crashed writer
             isize -= isize % INDEX.size
             os.ftruncate(part.ifd, isize)
+        durable = self._verified_end(part)
+        if durable is not None:
+            if size > durable[1]:
+                os.ftruncate(part.wfd, durable[1])
+                os.fsync(part.wfd)
+            while isize:
+                off, _ = INDEX.unpack(os.pread(part.ifd, INDEX.size, isize - INDEX.size))
+                if off < durable[0]:
+                    break
+                isize -= INDEX.size
+            if isize < os.fstat(part.ifd).st_size:
+                os.ftruncate(part.ifd, isize)
+            part.note(*durable)
+            return durable
+        return self._recover_legacy(part, size, isize)
+
+    def _recover_legacy(self, part: Partition, size: int, isize: int) -> tuple[int, int]:
+        """The valid end of a log without a durable end: its last whole frame."""
+        assert part.wfd is not None and part.ifd is not None
         start, last_indexed = (part.tail if part.tail[1] <= size else (0, 0)), 0
         while isize:
             off, pos = INDEX.unpack(os.pread(part.ifd, INDEX.size, isize - INDEX.size))
-            if pos < size and next(iter_frames(part.wfd, pos), None) is not None:
+            if pos < size and next(iter(FrameScan(part.wfd, pos)), None) is not None:
                 last_indexed = off
                 if off > start[0]:
                     start = (off, pos)
@@ -325,7 +259,7 @@ class EmbeddedStream:
         if start[1] == size:
             return start
         offset, end, missing = start[0], start[1], []
-        for pos, payload in iter_frames(part.wfd, start[1], chunk=1 << 20):
+        for pos, payload in FrameScan(part.wfd, start[1], chunk=1 << 20):
             if offset % INDEX_INTERVAL == 0 and offset > last_indexed:
                 missing.append(INDEX.pack(offset, pos))
             offset, end = offset + 1, pos + FRAME.size + len(payload)
@@ -338,6 +272,39 @@ class EmbeddedStream:
         return offset, end
 
     # -- reader side ---------------------------------------------------------------------
+    def _verified_end(self, part: Partition, upto: int | None = None) -> tuple[int, int] | None:
+        """The durable end, once the durable frames up to offset ``upto`` (default: all)
+        passed their CRC check in this process (each byte is checked once).
+
+        None for a log from before durable ends existed (it is served up to its first
+        bad frame, as it always was). Raises :class:`LogCorruption` if a durable frame
+        before ``upto`` is bad or missing.
+        """
+        durable = part.read_durable()
+        fd = part.read_fd()
+        if durable is None or fd is None:
+            return durable
+        upto = durable[0] if upto is None else min(upto, durable[0])
+        offset, pos = part.verified
+        if offset < upto:
+            scan = FrameScan(fd, pos, limit=durable[1], chunk=1 << 20)
+            for fpos, payload in scan:
+                offset, pos = offset + 1, fpos + FRAME.size + len(payload)
+                if offset >= upto:
+                    break
+            part.verified = (offset, pos)
+            part.note(offset, pos)
+            if offset < upto:
+                what = {"eof": "the log ends before its durable end",
+                        "short": "the log ends inside a durable record",
+                        "bad": "bad length or checksum",
+                        "limit": f"the durable end says offset {durable[0]} at byte {pos}"}
+                raise LogCorruption(part.log, pos, offset, what[scan.stop])
+        if offset == durable[0] and pos != durable[1]:
+            raise LogCorruption(part.log, pos, offset,
+                                f"the durable end says byte {durable[1]} for this offset")
+        return durable
+
     def read(self, topic: str, partition: int, start_offset: int, max_records: int) -> list[Record]:
         if start_offset < 0 or max_records < 0:
             raise ValueError("start_offset and max_records must be >= 0")
@@ -346,11 +313,15 @@ class EmbeddedStream:
             fd = part.read_fd()
             if fd is None or max_records == 0:
                 return []
+            durable = self._verified_end(part, upto=start_offset + max_records)
+            limit = None if durable is None else durable[1]
+            if durable is not None and start_offset >= durable[0]:
+                return []
             offset, pos = part.locate(start_offset)
             out: list[Record] = []
-            for fpos, payload in iter_frames(fd, pos):
+            for fpos, payload in FrameScan(fd, pos, limit=limit):
                 if offset >= start_offset:
-                    out.append(_decode(topic, partition, offset, payload))
+                    out.append(decode_record(topic, partition, offset, payload))
                 offset, pos = offset + 1, fpos + FRAME.size + len(payload)
                 if len(out) >= max_records:
                     break
@@ -364,19 +335,65 @@ class EmbeddedStream:
             fd = part.read_fd()
             if fd is None:
                 return 0
-            offset, pos = part.locate(1 << 62)
-            for fpos, payload in iter_frames(fd, pos, chunk=1 << 20):
+            durable = self._verified_end(part)
+            if durable is not None:
+                return durable[0]
+            offset, pos = part.locate(1 << 62)  # a log from before durable ends
+            for fpos, payload in FrameScan(fd, pos, chunk=1 << 20):
                 offset, pos = offset + 1, fpos + FRAME.size + len(payload)
             part.note(offset, pos)
             return offset
 
+    # -- repair --------------------------------------------------------------------------
+    def repair(self, topic: str) -> list[RepairReport]:
+        """Truncate every partition of ``topic`` at its first bad frame; republish its end.
+
+        The explicit step after :class:`LogCorruption`: the records from the bad frame
+        on are lost (restore the files from a backup instead to keep them). A partition
+        without damage is left as it is (its unsynced tail becomes durable).
+        """
+        reports = []
+        with self._lock:
+            for p in self.partitions(topic):
+                part = self._part(topic, p)
+                if not part.log.exists():
+                    continue
+                self._open_for_write(part)
+                assert part.wfd is not None and part.ifd is not None
+                fcntl.flock(part.wfd, fcntl.LOCK_EX)
+                try:
+                    reports.append(self._repair_partition(topic, p, part))
+                finally:
+                    fcntl.flock(part.wfd, fcntl.LOCK_UN)
+                    part.reset_caches()
+        return reports
+
+    def _repair_partition(self, topic: str, p: int, part: Partition) -> RepairReport:
+        assert part.wfd is not None and part.ifd is not None
+        try:
+            durable = part.read_durable()
+        except LogCorruption:
+            durable = None  # rebuilt from the frames below
+        size = os.fstat(part.wfd).st_size
+        kept, end = 0, 0
+        for fpos, payload in FrameScan(part.wfd, 0, chunk=1 << 20):
+            kept, end = kept + 1, fpos + FRAME.size + len(payload)
+        if end < size:
+            os.ftruncate(part.wfd, end)
+        entries = os.pread(part.ifd, os.fstat(part.ifd).st_size, 0)
+        good = b"".join(INDEX.pack(o, q) for o, q in INDEX.iter_unpack(
+            entries[: len(entries) - len(entries) % INDEX.size]) if o < kept and q < end)
+        os.ftruncate(part.ifd, 0)
+        _write_all(part.ifd, good, 0)
+        os.fsync(part.wfd)
+        os.fsync(part.ifd)
+        part.write_durable(kept, end)
+        dropped = max((durable[0] if durable else kept) - kept, 0)
+        return RepairReport(topic, p, kept, dropped, size - end)
+
     # -- consumer groups -----------------------------------------------------------------
     def _group_path(self, group: str, suffix: str) -> Path:
-        if not group:
-            raise ValueError("group must be a non-empty string")
-        gdir = self.path / GROUPS_DIR
-        gdir.mkdir(exist_ok=True)
-        return gdir / (quote(group, safe="") + suffix)
+        return group_path(self.path / GROUPS_DIR, group, suffix)
 
     def committed(self, group: str, topic: str, partition: int) -> int | None:
         try:
@@ -402,7 +419,7 @@ class EmbeddedStream:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def group_consumer(self, group: str, topics: list[str]) -> EmbeddedGroupConsumer:
-        return EmbeddedGroupConsumer(self, group, topics)
+        return EmbeddedGroupConsumer(self, self._group_path(group, ".member"), group, topics)
 
     # -- misc ----------------------------------------------------------------------------
     def describe(self) -> str:
@@ -418,67 +435,6 @@ class EmbeddedStream:
                 self._parts.clear()
 
     def __enter__(self) -> EmbeddedStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class EmbeddedGroupConsumer:
-    """A group consumer over the embedded log.
-
-    The embedded log has no group coordinator, so a group has at most one member:
-    a second consumer of the same group (any process) gets :class:`StreamError`
-    rather than silently reading the same records twice.
-    """
-
-    def __init__(self, stream: EmbeddedStream, group: str, topics: list[str]) -> None:
-        self._stream, self.group = stream, group
-        self._member = open(stream._group_path(group, ".member"), "a+b")  # noqa: SIM115
-        try:
-            fcntl.flock(self._member.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._member.close()
-            raise StreamError(f"embedded group {group!r} already has a consumer") from None
-        self._positions: dict[tuple[str, int], int] = {}
-        self._consumed: dict[tuple[str, int], int] = {}
-        for topic in topics:
-            for p in stream.partitions(topic):
-                self._positions[(topic, p)] = stream.committed(group, topic, p) or 0
-        self._order = sorted(self._positions)
-        self._next = 0
-
-    def poll(self, timeout_s: float = 1.0, max_records: int = 500) -> list[Record]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            out: list[Record] = []
-            for i in range(len(self._order)):  # round robin, so no partition starves
-                tp = self._order[(self._next + i) % len(self._order)]
-                recs = self._stream.read(tp[0], tp[1], self._positions[tp], max_records - len(out))
-                if recs:
-                    self._positions[tp] = self._consumed[tp] = recs[-1].offset + 1
-                    out.extend(recs)
-                if len(out) >= max_records:
-                    break
-            self._next = (self._next + 1) % max(len(self._order), 1)
-            if out or time.monotonic() >= deadline:
-                return out
-            time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
-
-    def commit(self) -> None:
-        by_topic: dict[str, dict[int, int]] = {}
-        for (topic, p), off in self._consumed.items():
-            by_topic.setdefault(topic, {})[p] = off
-        for topic, offsets in by_topic.items():
-            self._stream.commit(self.group, topic, offsets)
-        self._consumed.clear()
-
-    def close(self) -> None:
-        if not self._member.closed:
-            fcntl.flock(self._member.fileno(), fcntl.LOCK_UN)
-            self._member.close()
-
-    def __enter__(self) -> EmbeddedGroupConsumer:
         return self
 
     def __exit__(self, *exc: object) -> None:
