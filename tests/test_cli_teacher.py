@@ -66,7 +66,7 @@ def test_malformed_file_names_line_and_field_and_writes_nothing(tmp_path: Path) 
     data.write_text("\n".join(lines) + "\n")
     home = tmp_path / "h"
     res = runner.invoke(app, ["--home", str(home), "teacher", "precompute", "--data", str(data)])
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # a user error: one line naming the input, no traceback
     assert "bad.jsonl:4: field 'labels'" in res.output
     assert not (home / "store").exists()
 

@@ -465,7 +465,7 @@ def test_cli_evaluate_and_list(small: Settings, distilled: dict, tmp_path: Path)
 
     result = runner.invoke(app, ["--home", str(tmp_path / "empty"), "student", "evaluate",
                                  "--data", str(data)])
-    assert result.exit_code == 1 and "no current student" in result.output
+    assert result.exit_code == 2 and "no current student" in result.output
 
 
 @pytest.mark.slow
