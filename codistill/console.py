@@ -39,13 +39,16 @@ def configure(config: Any = None, home: Any = None, progress: bool = True) -> No
 def settings(**overrides: Any) -> Settings:
     """The effective settings: defaults < file < environment < ``overrides`` (CLI flags).
 
-    An invalid file or value is a user error: one message and exit code 2.
+    An invalid file or value is a user error: one message and exit code 2. Anything
+    else is a bug and keeps its traceback.
     """
+    import yaml
+
     if _STATE.get("home") is not None:
         overrides.setdefault("home", _STATE["home"])
     try:
         s = load_settings(_STATE.get("config"), **overrides)
-    except Exception as exc:  # pydantic / file errors: say what is wrong, no traceback
+    except (ValueError, OSError, yaml.YAMLError) as exc:  # validation, TOML, missing file
         console.print("[red]invalid configuration:[/red]", end=" ")
         console.print(str(exc), markup=False, soft_wrap=True)
         raise typer.Exit(USAGE_ERROR) from None
@@ -64,10 +67,14 @@ def progress() -> bool:
 
 
 def fail(exc: BaseException) -> typer.Exit:
-    """Print ``error: <exc>`` on one line (no markup: paths may hold ``[]``); exit code 1."""
+    """A user error: ``error: <exc>`` on one line (no markup: paths may hold ``[]``), exit 2.
+
+    Only for errors the user can fix (the message names the input and the fix);
+    a bug is left to raise, so it keeps its traceback.
+    """
     console.print("[red]error:[/red]", end=" ")
     console.print(str(exc), markup=False, soft_wrap=True)
-    return typer.Exit(1)
+    return typer.Exit(USAGE_ERROR)
 
 
 def metrics_table(title: str, rows: dict[str, dict[str, float]]) -> Table:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -22,16 +23,56 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _tmp_beside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` atomically and durably."""
+    atomic_write_lines(path, [text])
+
+
+def atomic_write_lines(path: Path, chunks: Iterable[str]) -> int:
+    """Replace ``path`` with the concatenated ``chunks`` (streamed, so files of any size);
+    returns how many chunks were written."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
+    tmp = _tmp_beside(path)
+    n = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+                n += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+    return n
+
+
+def write_synced(path: Path, data: str | bytes) -> None:
+    """Write a new file inside a folder that will be published with :func:`publish_dir`."""
+    mode = "wb" if isinstance(data, bytes) else "w"
+    with open(path, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as fh:
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Make a fully written folder appear at ``final`` in one rename, durably.
+
+    Every file in ``tmp`` and ``tmp`` itself are fsynced first, so after a crash
+    ``final`` either does not exist or holds every byte; ``final`` must not exist.
+    """
+    for path in sorted(Path(tmp).rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        fsync_path(path)  # files first, then the folders holding them (deepest first)
+    fsync_path(tmp)
+    os.rename(tmp, final)
+    fsync_path(Path(final).parent)
 
 
 def atomic_write_json(path: Path, data: object) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from codistill.fsio import atomic_write_lines
 from codistill.ids import candidate_id, query_id
 
 
@@ -126,14 +127,7 @@ def read_ranking_file(path: str | Path) -> list[RankingExample]:
 
 
 def write_ranking_file(path: str | Path, examples: Iterable[RankingExample]) -> int:
-    """Write examples atomically (temp file + rename); returns the record count."""
+    """Write examples atomically and durably (:mod:`codistill.fsio`); returns the count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for ex in examples:
-            fh.write(ex.model_dump_json() + "\n")
-            n += 1
-    tmp.replace(path)
-    return n
+    return atomic_write_lines(path, (ex.model_dump_json() + "\n" for ex in examples))

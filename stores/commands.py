@@ -11,6 +11,7 @@ from rich.table import Table
 
 from codistill import console as cli
 from stores import open_configured_store
+from stores.base import StoreError
 
 store_app = typer.Typer(help="Inspect and manage the candidate / soft-label store.",
                         no_args_is_help=True)
@@ -22,7 +23,7 @@ def store_info() -> None:
     s = cli.settings()
     try:
         store = open_configured_store(s)
-    except Exception as exc:
+    except StoreError as exc:
         raise cli.fail(exc) from None
     try:
         current = store.current()

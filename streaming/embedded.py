@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from codistill.fsio import atomic_write_json, fsync_path
+from codistill.fsio import atomic_write_json, fsync_path, write_synced
 from streaming.base import LogCorruption, Record, UnknownTopic
 from streaming.groups import EmbeddedGroupConsumer, group_path
 from streaming.logfile import (
@@ -101,9 +101,7 @@ class EmbeddedStream:
             return
         tdir.mkdir(parents=True, exist_ok=True)
         tmp = tdir / f".topic.{os.getpid()}.{threading.get_ident()}.tmp"
-        tmp.write_text(json.dumps({"partitions": partitions}))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        write_synced(tmp, json.dumps({"partitions": partitions}))
         try:
             os.link(tmp, meta)  # fails if a concurrent creator won: theirs stands
         except FileExistsError:

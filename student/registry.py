@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from codistill.fsio import atomic_write_text
+from codistill.fsio import atomic_write_text, publish_dir, write_synced
 from student.base import WEIGHTS_FILE, Student
 
 CARD_FILE = "student.json"
@@ -104,8 +104,8 @@ class StudentRegistry:
             if target.exists():  # identical weights and recipe: keep the files, refresh the card
                 atomic_write_text(target / CARD_FILE, card.model_dump_json(indent=2))
             else:
-                (tmp / CARD_FILE).write_text(card.model_dump_json(indent=2))
-                tmp.rename(target)
+                write_synced(tmp / CARD_FILE, card.model_dump_json(indent=2))
+                publish_dir(tmp, target)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

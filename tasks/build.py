@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from codistill.config import DataSettings
+from codistill.fsio import atomic_write_text
 from codistill.ranking import RankingExample, read_ranking_file, write_ranking_file
 from tasks.mine import mine
 from tasks.negatives import build_examples
@@ -131,7 +132,7 @@ def build_dataset(
         "build_seconds": round(time.perf_counter() - started, 2),
         "stage_seconds": stages,
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

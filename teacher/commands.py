@@ -122,11 +122,11 @@ def teacher_install(name: Annotated[str, typer.Argument(help="pretrained teacher
 @teacher_app.command("verify")
 def teacher_verify(name: Annotated[str, typer.Argument()] = "minilm") -> None:
     """Check a pretrained teacher's files against teacher/teachers.lock.json."""
-    from teacher.registry import locate
+    from teacher.registry import TeacherIntegrityError, TeacherNotInstalled, locate
 
     try:
         path = locate(name, cli.settings().home)
-    except Exception as exc:
+    except (KeyError, TeacherNotInstalled, TeacherIntegrityError) as exc:
         raise cli.fail(exc) from None
     cli.out.print(f"{name}: OK ({path})")
 

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from codistill.config import TrainSettings
+from codistill.fsio import publish_dir
 from codistill.ranking import RankingExample
 from teacher import registry
 from teacher.model import Teacher, TeacherCard, TeacherRegistry
@@ -162,5 +163,5 @@ def save_finetuned(
 
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging.replace(target)
+    publish_dir(staging, target)
     return reg.save(card)

@@ -33,7 +33,7 @@ def test_a_user_error_exits_2_with_one_line(tmp_path: Path) -> None:
     assert "build the data first" in res.output and "Traceback" not in res.output
     res = runner.invoke(_app(), ["--home", str(tmp_path), "student", "evaluate", "--data",
                                  str(tmp_path / "missing.jsonl")])
-    assert res.exit_code == 2 and "missing.jsonl" in res.output
+    assert res.exit_code == 2 and "run `codistill student distill` first" in res.output
 
 
 def test_a_bug_is_not_relabelled_as_invalid_configuration(

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from codistill.config import Settings
+from codistill.fsio import atomic_write_text
 
 
 class StepTimer:
@@ -109,7 +110,7 @@ def run_demo(settings: Settings, progress: bool = True, train: bool = True,
     console.print(timer.table())
     path = settings.home / "demo_summary.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_text(path, json.dumps(summary, indent=2, default=str))
     console.print(f"summary written to {path}")
     return summary
 

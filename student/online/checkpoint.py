@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from codistill.fsio import fsync_path
+from codistill.fsio import atomic_write_text, publish_dir, write_synced
 from student.base import Student
 from student.online.schedule import FLUSH_PARTITION  # noqa: F401 - re-exported (ledger keys)
 
@@ -265,7 +265,7 @@ def optimizer_join(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> di
 
 # -- files ----------------------------------------------------------------------------------
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
+    write_synced(path, json.dumps(data, sort_keys=True))
 
 
 @dataclass
@@ -338,7 +338,8 @@ class CheckpointManager:
             older = [p for p in dirs if p.name <= latest.name]
             keep = set(older[-self.keep:])
         for path in self.root.iterdir():
-            if path.name.startswith(".tmp-") or (_NAME.match(path.name) and path not in keep):
+            if (path.name.startswith((".tmp-", f".{LATEST}.")) or
+                    (_NAME.match(path.name) and path not in keep)):
                 self._remove(path)
                 removed.append(path)
         return removed
@@ -394,22 +395,14 @@ class CheckpointManager:
         _write_json(tmp / OPTIM_META, meta)
         save_file(rng, str(tmp / RNG_FILE))
         if drift is not None:
-            (tmp / DRIFT_FILE).write_bytes(drift)
+            write_synced(tmp / DRIFT_FILE, drift)
         _write_json(tmp / STATE_FILE, state.to_json())  # written last: marks the dir complete
-        for path in tmp.iterdir():
-            fsync_path(path)
-        fsync_path(tmp)
         if final.exists():  # an orphan of a crash between rename and the LATEST switch
             self._remove(final)
-        os.rename(tmp, final)
-        fsync_path(self.root)
+        publish_dir(tmp, final)
         if before_switch is not None:
             before_switch()
-        pointer = self.root / f".tmp-{LATEST}-{os.getpid()}"
-        pointer.write_text(final.name + "\n", encoding="utf-8")
-        fsync_path(pointer)
-        os.replace(pointer, self.root / LATEST)
-        fsync_path(self.root)
+        atomic_write_text(self.root / LATEST, final.name + "\n")
         self.cleanup()
         return final
 
@@ -453,10 +446,10 @@ def export_student(student: Student, out: str | Path, trainer_meta: dict[str, An
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     student.save(tmp)
-    (tmp / "trainer.json").write_text(json.dumps(trainer_meta, indent=1))
+    write_synced(tmp / "trainer.json", json.dumps(trainer_meta, indent=1))
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.rename(out, old)
-    os.rename(tmp, out)
+    publish_dir(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
     return out
