@@ -44,6 +44,12 @@ def test_finetune_raises_heldout_mrr(home: Path) -> None:
     after = wf.evaluate_version(s, result["candidate"], test, progress=False)
     assert after["mrr@10"] >= before["mrr@10"] + MIN_GAIN, (before, after)
     assert result["promoted"] and wf.teacher_registry(s).current_version() == result["candidate"]
+    # promoted by the gate (paired bootstrap, superiority), and the card says so
+    gate = result["gate"]
+    assert gate["mode"] == "superiority" and gate["promote"]
+    (valid,) = [r for r in gate["sets"] if r["name"] == "valid"]
+    assert valid["lower"] > 0 and valid["n_queries"] == len(ds.read_split(s, "valid"))
+    assert wf.teacher_registry(s).load(result["candidate"]).gate == gate
 
 
 def test_promotion_keeps_old_teacher_when_new_is_worse(home: Path) -> None:
@@ -52,6 +58,7 @@ def test_promotion_keeps_old_teacher_when_new_is_worse(home: Path) -> None:
     old = wf.ensure_current(s)
     result = wf.train_and_promote(s, progress=False)
     assert result["valid_mrr@10_candidate"] < result["valid_mrr@10_previous"]
-    assert not result["promoted"]
+    assert not result["promoted"] and not result["gate"]["promote"]
+    assert "valid: lower bound" in result["gate"]["reason"]
     assert reg.current_version() == old
     assert result["candidate"] in reg.versions()  # kept for inspection, not current
