@@ -22,6 +22,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from codistill.gate import GateConfig
+
 Size = Literal["small", "demo", "full"]
 
 
@@ -58,6 +60,8 @@ class TeacherSettings(BaseModel):
     logit_scale: float = Field(20.0, gt=0, description="teacher logits = scale * cosine")
     batch_size: int = 64
     train: TrainSettings = TrainSettings()
+    gate: GateConfig = Field(GateConfig(), description="promotion of fine-tuned teachers "
+                             "(codistill.gate); superiority: better on valid, with confidence")
 
 
 class StoreSettings(BaseModel):

@@ -62,7 +62,7 @@ def teacher_train(
     max_steps: Annotated[int | None, typer.Option(help="step budget")] = None,
     time_budget: Annotated[float | None, typer.Option(help="seconds budget")] = None,
 ) -> None:
-    """Fine-tune the current teacher; it is promoted only if valid MRR@10 improves."""
+    """Fine-tune the current teacher; the gate promotes it only if it is better on valid."""
     from teacher.workflow import train_and_promote
 
     train_over: dict[str, Any] = {}
@@ -77,7 +77,8 @@ def teacher_train(
         result = train_and_promote(s, cli.progress())
     except FileNotFoundError as exc:
         raise cli.fail(exc) from None
-    verdict = "promoted to current" if result["promoted"] else "NOT promoted (valid MRR@10 did not improve); kept"
+    verdict = ("promoted to current" if result["promoted"]
+               else f"NOT promoted ({result['gate']['reason']}); kept")
     cli.out.print(f"{result['candidate']}: valid MRR@10 {result['valid_mrr@10_candidate']:.4f} vs "
               f"{result['valid_mrr@10_previous']:.4f} of {result['previous']} -> {verdict}")
     cli.out.print(f"current teacher: {result['current']}")

@@ -43,6 +43,8 @@ class TeacherCard(BaseModel):
     data_hash: str | None = None
     train: dict[str, Any] | None = None
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+    gate: dict[str, Any] | None = Field(None, description="the promotion gate's decision "
+                                        "(codistill.gate) for a fine-tuned teacher")
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def compute_version(self) -> str:

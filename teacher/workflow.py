@@ -73,30 +73,48 @@ def evaluate_version(
 
 
 def train_and_promote(settings: Settings, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune the current teacher; promote the result only if valid MRR@10 improves."""
+    """Fine-tune the current teacher; promote the result only if the gate says it is better.
+
+    The gate (:mod:`codistill.gate`, ``settings.teacher.gate``, superiority by default)
+    compares per-query valid MRR@10 of candidate and incumbent on the same lists with
+    a seeded paired bootstrap; its decision is stored on the candidate's card, which
+    is kept (never made current) when it is rejected.
+    """
+    from codistill import metrics
+    from codistill.gate import decide
+    from teacher.evaluate import score_examples
+
     reg = teacher_registry(settings)
     old_version = ensure_current(settings)
     train, valid = read_split(settings, "train"), read_split(settings, "valid")
     label = metric_label(settings, "valid")
+    labels = [ex.labels for ex in valid]
     teacher = open_teacher(settings, old_version, progress)
     old_metrics = reg.load(old_version).metrics.get(label) or evaluate_version(
         settings, old_version, valid, label, progress, teacher
     )
+    old_per_query = metrics.per_query(score_examples(teacher, valid), labels, ("mrr@10",))
     cfg = settings.teacher.train
     result = finetune(teacher, make_triples(train, cfg.hard_negatives, cfg.seed), cfg, progress)
     card = save_finetuned(teacher, reg, cfg, manifest_data_hash(settings), result)
     teacher.card = card  # the cache is keyed by version: evaluate as the new teacher
     new_metrics = evaluate_version(settings, card.teacher_version, valid, label, progress, teacher)
-    promoted = new_metrics["mrr@10"] > old_metrics["mrr@10"]
-    if promoted:
+    new_per_query = metrics.per_query(score_examples(teacher, valid), labels, ("mrr@10",))
+    decision = decide({"valid": (new_per_query["mrr@10"], old_per_query["mrr@10"])},
+                      settings.teacher.gate).to_json()
+    card = reg.load(card.teacher_version)
+    card.gate = decision
+    reg.save(card)
+    if decision["promote"]:
         reg.set_current(card.teacher_version)
     return {
         "previous": old_version,
         "candidate": card.teacher_version,
-        "promoted": promoted,
+        "promoted": decision["promote"],
         "current": reg.current_version(),
         "valid_mrr@10_previous": old_metrics["mrr@10"],
         "valid_mrr@10_candidate": new_metrics["mrr@10"],
+        "gate": decision,
         "train": result.summary(),
     }
 

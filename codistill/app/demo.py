@@ -76,7 +76,8 @@ def run_demo(settings: Settings, progress: bool = True, train: bool = True,
             t = summary["train"]
             console.print(f"candidate {t['candidate']}: valid MRR@10 {t['valid_mrr@10_candidate']:.4f} "
                           f"vs {t['valid_mrr@10_previous']:.4f} -> "
-                          f"{'promoted' if t['promoted'] else 'not promoted, kept ' + t['current']}")
+                          f"{'promoted' if t['promoted'] else 'not promoted, kept ' + t['current']}"
+                          f" (gate: {t['gate']['reason']})")
         current = wf.ensure_current(settings)
         with timer.step("evaluate current teacher"):
             summary["current"] = {"teacher_version": current, **evaluate(current)}
