@@ -37,10 +37,13 @@ class MissingCandidateError(KeyError):
 
 
 class StoreCandidates:
-    """``CandidateSource`` over a store: the teacher's vectors of one version, by content id.
+    """``IdCandidateSource`` over a store: the teacher's vectors of one version, by id.
 
-    Texts are mapped to ids with ``candidate_id`` (ids are content hashes, so the
-    mapping needs no lookup table).
+    The store holds each vector under the id precompute was given: the ranking
+    file's ``candidate_ids``, which are content hashes by default but may be any
+    names a user chose. So callers that know the ids use ``embed_ids`` (the
+    student does whenever it is given ``candidate_ids``); ``embed`` maps texts to
+    ``candidate_id`` and is right only for content-hash ids.
 
     Parameters
     ----------
@@ -65,7 +68,8 @@ class StoreCandidates:
         Parameters
         ----------
         ids : sequence of str
-            Candidate content ids (``codistill.ids.candidate_id``).
+            Candidate ids as precompute stored them (a ranking file's
+            ``candidate_ids``: content hashes or user-chosen names).
 
         Returns
         -------
@@ -88,7 +92,11 @@ class StoreCandidates:
         return torch.from_numpy(np.asarray(emb, dtype=np.float32))
 
     def embed(self, texts: Sequence[str]) -> Tensor:
-        """``embed_ids`` of the texts' content ids."""
+        """``embed_ids`` of the texts' content ids: the fallback when no ids are known.
+
+        Raises ``MissingCandidateError`` for candidates stored under user-chosen ids;
+        pass those ids to ``embed_ids`` (``Student.score(..., candidate_ids=...)``).
+        """
         return self.embed_ids([candidate_id(t) for t in texts])
 
 

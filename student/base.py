@@ -18,15 +18,19 @@ A student may have a query tower only and score against candidate embeddings the
 sets ``has_candidate_tower = False`` and is given a ``CandidateSource`` at
 construction or load time; ``encode_candidates`` then asks the source instead of a
 tower, and ``forward_scores``, ``score``, ``save`` and ``onnx_export`` (query graph
-only) work unchanged. A sketch::
+only) work unchanged. The source is asked by *id* when the caller passes
+``candidate_ids``: precompute stores vectors under a ranking file's ids, which a user
+may choose (``"my/lib.py::f"``), so re-hashing the texts would miss them. Without
+ids, or from a source without ``embed_ids``, it gets the texts. A sketch::
 
-    class StoreCandidates:                       # a CandidateSource
+    class StoreCandidates:                       # an IdCandidateSource
         def __init__(self, store: CandidateStore, version: str) -> None: ...
-        def embed(self, texts):
-            ids = [candidate_id(t) for t in texts]
+        def embed_ids(self, ids):
             emb, found = self.store.get_embeddings(self.version, ids)
             if not found.all(): raise KeyError(...)  # or encode misses with the teacher
             return torch.from_numpy(emb)
+        def embed(self, texts):                  # no ids known: content hashes
+            return self.embed_ids([candidate_id(t) for t in texts])
 
     @register_student
     class AsymmetricBowStudent(Student):
@@ -74,11 +78,75 @@ _REGISTRY: dict[str, type[Student]] = {}
 
 @runtime_checkable
 class CandidateSource(Protocol):
-    """Candidate embeddings for a student without a candidate tower (e.g. teacher's, stored)."""
+    """Candidate embeddings for a student without a candidate tower (e.g. teacher's, stored).
+
+    A source keyed by id should also be an ``IdCandidateSource``.
+    """
 
     def embed(self, texts: Sequence[str]) -> Tensor:
         """Return float32 ``[n, d]`` embeddings of ``texts`` (no gradient needed)."""
         ...
+
+
+@runtime_checkable
+class IdCandidateSource(CandidateSource, Protocol):
+    """A ``CandidateSource`` that also answers by candidate id (the store's own key)."""
+
+    def embed_ids(self, ids: Sequence[str]) -> Tensor:
+        """Return float32 ``[n, d]`` embeddings of the candidates named ``ids``."""
+        ...
+
+
+def unique_candidates(
+    candidate_batch: Sequence[Sequence[str]],
+    candidate_ids: Sequence[Sequence[str]] | None = None,
+) -> tuple[dict[str, int], list[str] | None]:
+    """Number the distinct candidate texts of some lists, with the id of each.
+
+    Distinct *texts*, first-seen order, are what gets encoded (a tower needs texts);
+    each takes the id of its first occurrence for a source keyed by id. Keying by
+    text with or without ids keeps the encoded set, so every score is unchanged.
+
+    Parameters
+    ----------
+    candidate_batch : sequence of sequence of str
+        Candidate texts per list.
+    candidate_ids : sequence of sequence of str, optional
+        The ids of those candidates, list by list.
+
+    Returns
+    -------
+    tuple of (dict of str to int, list of str or None)
+        Column of each distinct text, and the id of each column (None without ids).
+
+    Raises
+    ------
+    ValueError
+        If ``candidate_ids`` and ``candidate_batch`` differ in shape.
+
+    Examples
+    --------
+    >>> unique_candidates([["a", "b"], ["b", "c"]], [["i1", "i2"], ["i2", "i3"]])
+    ({'a': 0, 'b': 1, 'c': 2}, ['i1', 'i2', 'i3'])
+    """
+    index: dict[str, int] = {}
+    if candidate_ids is None:
+        for cands in candidate_batch:
+            for text in cands:
+                index.setdefault(text, len(index))
+        return index, None
+    if len(candidate_ids) != len(candidate_batch):
+        raise ValueError(f"candidate_ids has {len(candidate_ids)} lists, "
+                         f"candidate_batch {len(candidate_batch)}")
+    ids: list[str] = []
+    for cands, row_ids in zip(candidate_batch, candidate_ids, strict=True):
+        if len(row_ids) != len(cands):
+            raise ValueError(f"a list has {len(cands)} candidates but {len(row_ids)} ids")
+        for text, cid in zip(cands, row_ids, strict=True):
+            if text not in index:
+                index[text] = len(index)
+                ids.append(cid)
+    return index, ids
 
 
 class BatchScores(NamedTuple):
@@ -276,31 +344,55 @@ class Student(nn.Module, ABC):
         """L2-normalised query embeddings ``[n, d]`` (with gradient unless disabled)."""
         return self._encode(list(texts), "query")
 
-    def encode_candidates(self, texts: Sequence[str]) -> Tensor:
-        """Candidate embeddings ``[n, d]``, from the candidate tower or the candidate source."""
+    def encode_candidates(self, texts: Sequence[str], ids: Sequence[str] | None = None
+                          ) -> Tensor:
+        """Candidate embeddings ``[n, d]``, from the candidate tower or the candidate source.
+
+        Parameters
+        ----------
+        texts : sequence of str
+            Candidate code texts (what a tower encodes).
+        ids : sequence of str, optional
+            Their candidate ids, e.g. a ranking file's ``candidate_ids``. A source
+            with ``embed_ids`` is asked by these, since it stores vectors under the
+            ids it was given (user-chosen ones included); without ids it gets the
+            texts (``StoreCandidates`` then assumes content-hash ids). A tower
+            ignores them. As long as ``texts`` (else ``ValueError``).
+
+        Returns
+        -------
+        Tensor
+            ``[n, d]``, with gradient unless disabled (a source's vectors have none).
+        """
+        if ids is not None and len(ids) != len(texts):
+            raise ValueError(f"{len(texts)} candidate texts but {len(ids)} ids")
         if self.has_candidate_tower:
             return self._encode(list(texts), "candidate")
-        assert self.candidate_source is not None  # checked in __init__
-        return self.candidate_source.embed(list(texts)).to(self.log_scale.device)
+        source = self.candidate_source
+        assert source is not None  # checked in __init__
+        if ids is not None and isinstance(source, IdCandidateSource):
+            return source.embed_ids(list(ids)).to(self.log_scale.device)
+        return source.embed(list(texts)).to(self.log_scale.device)
 
     def score_embeddings(self, q: Tensor, c: Tensor) -> Tensor:
         """``s_S * cosine``; see the module-level ``score_embeddings`` for shapes."""
         return score_embeddings(q, c, self.scale)
 
     def forward_scores(
-        self, query_batch: Sequence[str], candidate_batch: Sequence[Sequence[str]]
+        self, query_batch: Sequence[str], candidate_batch: Sequence[Sequence[str]],
+        candidate_ids: Sequence[Sequence[str]] | None = None,
     ) -> BatchScores:
         """Training scores ``[B, K]`` (student logits) for B queries and their candidate lists.
 
         Each distinct candidate text in the batch is encoded once (random negatives
         and popular code repeat across queries); lists may differ in length.
+        ``candidate_ids`` (the ids of ``candidate_batch``, list by list) go to the
+        candidate source, which is keyed by id (``encode_candidates``); give them
+        whenever they are known, as ids need not be content hashes.
         """
         if len(query_batch) != len(candidate_batch):
             raise ValueError("query_batch and candidate_batch must have the same length")
-        index: dict[str, int] = {}
-        for cands in candidate_batch:
-            for text in cands:
-                index.setdefault(text, len(index))
+        index, ids = unique_candidates(candidate_batch, candidate_ids)
         width = max([len(c) for c in candidate_batch] + [1])
         gather = torch.zeros(len(candidate_batch), width, dtype=torch.long)
         mask = torch.zeros(len(candidate_batch), width, dtype=torch.bool)
@@ -308,7 +400,7 @@ class Student(nn.Module, ABC):
             gather[row, : len(cands)] = torch.tensor([index[t] for t in cands], dtype=torch.long)
             mask[row, : len(cands)] = True
         q = self.encode_queries(query_batch)
-        c = self.encode_candidates(list(index))
+        c = self.encode_candidates(list(index), ids)
         if not index:
             return BatchScores(q.new_zeros(mask.shape), mask.to(q.device))
         gather, mask = gather.to(q.device), mask.to(q.device)
@@ -316,21 +408,25 @@ class Student(nn.Module, ABC):
         return BatchScores(scores.masked_fill(~mask, 0.0), mask)
 
     def forward(
-        self, query_batch: Sequence[str], candidate_batch: Sequence[Sequence[str]]
+        self, query_batch: Sequence[str], candidate_batch: Sequence[Sequence[str]],
+        candidate_ids: Sequence[Sequence[str]] | None = None,
     ) -> BatchScores:
-        return self.forward_scores(query_batch, candidate_batch)
+        return self.forward_scores(query_batch, candidate_batch, candidate_ids)
 
     @torch.inference_mode()
-    def score(self, query: str, candidates: Sequence[str]) -> np.ndarray:
+    def score(self, query: str, candidates: Sequence[str],
+              candidate_ids: Sequence[str] | None = None) -> np.ndarray:
         """Inference: ``s_S * cosine`` of one query against its candidates, float32 ``[K]``.
 
-        Runs in eval mode and restores the previous mode afterwards.
+        Runs in eval mode and restores the previous mode afterwards. Pass
+        ``candidate_ids`` when they are known (see ``encode_candidates``): a student
+        scored against a candidate source finds user-named candidates only by id.
         """
         was_training = self.training
         self.eval()
         try:
             q = self.encode_queries([query])
-            c = self.encode_candidates(list(candidates))
+            c = self.encode_candidates(list(candidates), candidate_ids)
             return self.score_embeddings(q, c)[0].float().cpu().numpy()
         finally:
             self.train(was_training)

@@ -16,7 +16,7 @@ import torch
 from codistill import metrics
 from codistill.ranking import RankingExample
 from stores.base import SoftLabelRecord, Store
-from student.base import Student
+from student.base import Student, unique_candidates
 from student.labels import read_labels
 
 EVAL_SPLITS = ("valid", "test")
@@ -26,12 +26,14 @@ EVAL_SPLITS = ("valid", "test")
 def student_scores(student: Student, examples: Sequence[RankingExample]) -> list[np.ndarray]:
     """The student's logits for every list; each distinct text is encoded once.
 
-    Runs in eval mode and restores the student's previous mode afterwards.
+    Runs in eval mode and restores the student's previous mode afterwards. The
+    examples' ``candidate_ids`` go with the texts (``unique_candidates``), so a
+    student without a candidate tower finds candidates stored under user-chosen ids.
 
     Parameters
     ----------
     student : Student
-        Any student (one without a candidate tower asks its candidate source).
+        Any student (one without a candidate tower asks its candidate source, by id).
     examples : sequence of RankingExample
         The lists to score.
 
@@ -43,12 +45,10 @@ def student_scores(student: Student, examples: Sequence[RankingExample]) -> list
     was_training = student.training
     student.eval()
     try:
-        position: dict[str, int] = {}
-        for ex in examples:
-            for text in ex.candidates:
-                position.setdefault(text, len(position))
+        position, ids = unique_candidates([ex.candidates for ex in examples],
+                                          [ex.candidate_ids for ex in examples])
         q = student.encode_queries([ex.query for ex in examples])
-        c = student.encode_candidates(list(position))
+        c = student.encode_candidates(list(position), ids)
         out = []
         for i, ex in enumerate(examples):
             rows = torch.tensor([position[t] for t in ex.candidates])

@@ -60,7 +60,10 @@ class TrainSet:
     """Train queries, their candidate rows, teacher logits and hard labels as tensors.
 
     Lists may be ragged: ``mask`` marks real candidates, padded columns point at
-    candidate row 0. Distinct candidate *texts* are numbered in first-seen order.
+    candidate row 0. Distinct candidate *texts* are numbered in first-seen order,
+    each with the id of its first occurrence (as ``student.base.unique_candidates``
+    does): the teacher's vectors are read by those ids, never by re-hashing texts,
+    so user-chosen ids work.
 
     Parameters
     ----------
@@ -80,7 +83,8 @@ class TrainSet:
     queries, candidates : TokenisedTexts
         The ``N`` queries and the distinct candidates, tokenised once.
     candidate_ids : list of str
-        Content id of each distinct candidate.
+        Id of each distinct candidate, as the ranking file gives it (content hash or
+        user-chosen).
     teacher_queries : Tensor
         ``[N, d_T]`` the teacher's L2-normalised query embeddings.
     teacher_candidates : Tensor or None

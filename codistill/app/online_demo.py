@@ -70,7 +70,8 @@ def demo_step(settings: Settings, init_student: str | None, progress: bool = Tru
     try:  # a query-only student scores against the teacher's stored candidate vectors
         student = Student.load(summary["student_dir"], candidate_source=StoreCandidates(
             store, summary["teacher_version"]))
-        scores = [student.score(ex.query, ex.candidates) for ex in test]
+        scores = [student.score(ex.query, ex.candidates, candidate_ids=ex.candidate_ids)
+                  for ex in test]
     finally:
         store.close()
     return {"produced": produced, "trainer": summary,

@@ -49,7 +49,11 @@ class BatchStats:
 
 @dataclass
 class TrainingBatch:
-    """Padded ``[B, K]`` tensors plus the texts the student encodes."""
+    """Padded ``[B, K]`` tensors plus the texts the student encodes.
+
+    ``candidate_ids`` name the shown candidates (``candidates`` are their texts); a
+    student without a candidate tower is scored by these ids, the store's key.
+    """
 
     request_ids: list[str]
     query_ids: list[str]

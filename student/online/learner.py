@@ -217,7 +217,9 @@ class OnlineLearner:
         if not len(tb):
             return stats
         self.student.train()
-        scores = self.student.forward_scores(tb.queries, tb.candidates).scores
+        # by id: the store keys the teacher's vectors by the impression's ids
+        scores = self.student.forward_scores(tb.queries, tb.candidates,
+                                             candidate_ids=tb.candidate_ids).scores
         parts = self.loss(scores, tb.mask, teacher_logits=tb.teacher_logits,
                           has_teacher=tb.has_teacher, clicks=tb.clicks, ranks=tb.ranks)
         alpha = self.alpha
@@ -234,7 +236,8 @@ class OnlineLearner:
         stats.kd, stats.feedback = parts.kd, parts.feedback
         return stats
 
-    def score(self, query: str, candidates: Sequence[str]) -> np.ndarray:
+    def score(self, query: str, candidates: Sequence[str],
+              candidate_ids: Sequence[str] | None = None) -> np.ndarray:
         """The student's logits ``s_S * cosine`` of ``query`` against ``candidates``.
 
         Parameters
@@ -243,13 +246,16 @@ class OnlineLearner:
             Query text.
         candidates
             Candidate texts (code).
+        candidate_ids
+            Their ids; needed by a student scored against the store when the ids are
+            not content hashes (:meth:`~student.base.Student.score`).
 
         Returns
         -------
         np.ndarray
             float32 ``[len(candidates)]``; eval mode, no gradient.
         """
-        return self.student.score(query, candidates)
+        return self.student.score(query, candidates, candidate_ids)
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
