@@ -39,54 +39,26 @@ from student.online.checkpoint import (
     LedgerViolation,
 )
 from tests.helpers.online import (
+    SMALL,
     VERSION,
     assert_same_weights,
     end_offsets,
     fill_store,
     finish,
-    make_stream,
-    produce,
+    online_settings,
     read_topic,
+    run_in_process,
     run_trainer,
     seeded_kill_delays,
+    setup_online,
     start_trainer,
     student_weights,
     tiny_corpus,
+    trainer_config,
     wait_for,
 )
 
-SMALL = {"dim": 16, "out_dim": 16, "max_vocab": 512, "lr": 0.01}
-
-
-def _settings(home: Path) -> Settings:
-    return load_settings(home=home, threads=1)
-
-
-def _setup(home: Path, n_requests: int, seed: int = 0, malformed_rate: float = 0.0,
-           skip_labels: tuple[str, ...] = ()) -> tuple[Settings, object]:
-    """Store + stream under ``home``; returns the settings and the generated stream."""
-    settings = _settings(home)
-    corpus = tiny_corpus()
-    with open_store(settings.resolved_store()) as store:
-        fill_store(store, corpus, skip_labels=skip_labels)
-    generated = make_stream(corpus, n_requests, seed, malformed_rate)
-    with open_stream(settings.resolved_stream()) as stream:
-        stream.ensure_topics()
-        produce(stream, settings.stream.topic, generated)
-    return settings, generated
-
-
-def _cfg(**kw: object) -> OnlineTrainerConfig:
-    base = {"batch_size": 16, "checkpoint_every": 3, "until_end": True, **SMALL}
-    return OnlineTrainerConfig.model_validate({**base, **kw})
-
-
-def _run(settings: Settings, **kw: object) -> tuple[dict, OnlineTrainer]:
-    trainer = OnlineTrainer(settings, _cfg(**kw))
-    try:
-        return trainer.run(), trainer
-    finally:
-        trainer.close()
+_settings, _setup, _cfg, _run = online_settings, setup_online, trainer_config, run_in_process
 
 
 # -- dead letters ---------------------------------------------------------------------------
@@ -207,8 +179,8 @@ def test_trainer_pins_its_version_and_refuses_an_incomplete_one(tmp_path: Path) 
         store.set_current(VERSION)
     summary, _ = _run(settings, name="pinner")
     assert summary["teacher_version"] == VERSION
-    with open_store(settings.resolved_store()) as store:
-        assert "trainer:pinner" in store.pins(VERSION)
+    with open_store(settings.resolved_store()) as store:  # a lease while it ran, released at exit
+        assert "trainer:pinner" not in store.pins(VERSION) and store.holds(VERSION) == []
     saved = Student.load(Path(summary["student_dir"]))
     assert saved.teacher_version == VERSION
     ckpt = json.loads((Path(summary["checkpoint"]) / STATE_FILE).read_text())

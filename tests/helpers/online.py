@@ -284,3 +284,66 @@ def biased_click_messages(
                 timed.append((tc, len(timed), rid, fb.to_bytes()))
     timed.sort(key=lambda x: (x[0], x[1]))
     return [(key, value) for _, _, key, value in timed]
+
+
+# -- the trainer in-process, on an embedded store + log under one home -----------------------
+SMALL = {"dim": 16, "out_dim": 16, "max_vocab": 512, "lr": 0.01}
+
+
+def online_settings(home: Path) -> Settings:
+    from codistill.config import load_settings
+
+    return load_settings(home=home, threads=1)
+
+
+def setup_online(home: Path, n_requests: int, seed: int = 0, malformed_rate: float = 0.0,
+                 skip_labels: tuple[str, ...] = ()) -> tuple[Settings, GeneratedStream]:
+    """Store + stream under ``home``; returns the settings and the generated stream."""
+    from stores import open_store
+    from streaming import open_stream
+
+    settings = online_settings(home)
+    corpus = tiny_corpus()
+    with open_store(settings.resolved_store()) as store:
+        fill_store(store, corpus, skip_labels=skip_labels)
+    generated = make_stream(corpus, n_requests, seed, malformed_rate)
+    with open_stream(settings.resolved_stream()) as stream:
+        stream.ensure_topics()
+        produce(stream, settings.stream.topic, generated)
+    return settings, generated
+
+
+def trainer_config(**kw: Any) -> Any:
+    """A small trainer: batches of 16, a checkpoint every 3, ``until_end``; ``kw`` overrides."""
+    from codistill.config import OnlineTrainerConfig
+
+    base = {"batch_size": 16, "checkpoint_every": 3, "until_end": True, **SMALL}
+    return OnlineTrainerConfig.model_validate({**base, **kw})
+
+
+def run_in_process(settings: Settings, **kw: Any) -> tuple[dict[str, Any], Any]:
+    """Run :func:`trainer_config` ``(**kw)`` to its end; the summary and the (closed) trainer."""
+    from student.online import OnlineTrainer
+
+    trainer = OnlineTrainer(settings, trainer_config(**kw))
+    try:
+        return trainer.run(), trainer
+    finally:
+        trainer.close()
+
+
+def waiting_offsets(partitions: Sequence[int], ends: Mapping[int, int],
+                    batch_size: int) -> dict[str, int]:
+    """Where a live (``strict_order``) trainer stops to wait for data on a log with ``ends``."""
+    from student.online.schedule import Wait, next_batch
+
+    offsets, turn = dict.fromkeys(partitions, 0), 0
+    while not isinstance(step := next_batch(partitions, offsets, ends, turn, batch_size), Wait):
+        assert step is not None
+        offsets[step.partition], turn = step.end, step.next_turn
+    return {str(p): o for p, o in offsets.items()}
+
+
+def committed_offsets(stream: EventStream, group: str, topic: str) -> dict[str, int]:
+    """The group's committed offsets (0 where none)."""
+    return {str(p): stream.committed(group, topic, p) or 0 for p in stream.partitions(topic)}
