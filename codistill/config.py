@@ -157,14 +157,16 @@ class BackoffConfig(BaseModel):
 class OnlineTrainerConfig(BaseModel):
     """The online trainer (``codistill student online``; section ``online`` of ``Settings``).
 
-    ``batch_size``, ``alpha``, ``temperature``, ``eta`` and ``lr`` shape the updates;
-    the rest say where state lives, when to stop and how to retry.
+    ``batch_size``, ``alpha``, ``temperature``, ``eta``, ``lr`` (and ``max_ipw_weight``,
+    ``weight_decay``, ``max_grad_norm``) shape the updates, so a resume refuses other
+    values than its checkpoint's unless ``accept_changes``; the rest say where state
+    lives, when to stop and how to retry.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$",
-                      description="trainer identity: checkpoint folder, pin, default group")
+                      description="trainer identity: checkpoint folder, lease, default group")
     group: str | None = Field(None, description="consumer group; default codistill-trainer-NAME")
     teacher_version: str | None = Field(None, description="None: the checkpoint's, else current")
     batch_size: int = Field(64, ge=1, description="records per batch per partition (B)")
@@ -190,6 +192,14 @@ class OnlineTrainerConfig(BaseModel):
     poll_interval_s: float = Field(0.2, gt=0)
     metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port; 0 = off")
     drift_delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence")
+    drift_window: int = Field(2000, ge=1, description="inputs per drift signal kept (JSON) in "
+                              "checkpoints to rebuild ADWIN on resume; exact while it covers "
+                              "every input since the detector's last reset")
+    lease_ttl_s: float = Field(120.0, gt=0, description="lease on the teacher version, renewed "
+                               "every third of it while the trainer runs; a killed trainer's "
+                               "lease runs out after this")
+    accept_changes: bool = Field(False, description="resume with other hyperparameters than the "
+                                 "checkpoint's (never batch_size), starting a new segment")
     checkpoint_dir: Path | None = Field(None, description="default HOME/online/NAME/checkpoints")
     output_dir: Path | None = Field(None, description="final student; HOME/online/NAME/student")
     init_student: Path | None = Field(None, description="warm start from a student directory")

@@ -130,7 +130,7 @@ def student_list() -> None:
 @student_app.command("online")
 def student_online(
     name: Annotated[str | None, typer.Option(
-        help="trainer identity: checkpoints, pin, consumer group (default 'default')")] = None,
+        help="trainer identity: checkpoints, lease, consumer group (default 'default')")] = None,
     batch_size: Annotated[int | None, typer.Option(
         help="records per batch per partition (default 64)")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(
@@ -145,19 +145,24 @@ def student_online(
     init_student: Annotated[Path | None, typer.Option(help="warm start from a student folder")] = None,
     metrics_port: Annotated[int | None, typer.Option(
         help="Prometheus /metrics port (default 0 = off)")] = None,
+    accept_changes: Annotated[bool, typer.Option(
+        "--accept-changes", help="resume with other hyperparameters than the checkpoint's "
+        "(lr, alpha, ...; never batch_size) as a new segment")] = False,
 ) -> None:
     """Train the student continuously from the events topic (single writer, exactly once)."""
     from stores.base import StoreError
-    from student.online import run_online
+    from student.online import TrainerError, run_online
+    from student.online.checkpoint import CheckpointError
 
     s = cli.settings()
     cfg = _with_flags(s.online, name=name, batch_size=batch_size,
                       checkpoint_every=checkpoint_every, alpha=alpha, lr=lr, until_end=until_end,
                       max_batches=max_batches, init_student=init_student,
-                      metrics_port=metrics_port)
+                      metrics_port=metrics_port, accept_changes=accept_changes or None)
     try:
         summary = run_online(s, cfg)
-    except (StoreError, LookupError, FileNotFoundError, ValueError) as exc:
+    except (StoreError, TrainerError, CheckpointError, LookupError, FileNotFoundError,
+            ValueError) as exc:  # refused resumes and lost stores: one line, exit 2
         raise cli.fail(exc) from None
     cli.out.print_json(json.dumps(summary, default=str))
 

@@ -1,7 +1,9 @@
 """The online trainer (``codistill student online``): exactly-once distillation from a stream.
 
-One trainer process is the single writer of its student. It pins the teacher
-version it distils from, then repeats, forever or until the input ends:
+One trainer process is the single writer of its student. It leases the teacher
+version it distils from (renewed while it runs, released when it exits; a killed
+trainer's lease runs out: :mod:`~student.online.keeper`), then repeats, forever or
+until the input ends:
 
 1. **Deterministic batch** (:mod:`~student.online.schedule`). Batch ``k`` of
    partition ``p`` is offsets ``[kB, (k+1)B)``; partitions take turns in sorted
@@ -24,13 +26,19 @@ version it distils from, then repeats, forever or until the input ends:
    counters and the ledger of applied batches are written atomically; only then
    are the offsets committed to the consumer group. On restart the checkpoint -
    not the group - says where to resume, and the ledger refuses to apply any
-   offset twice.
+   offset twice. A checkpoint is JSON and safetensors only; one carrying a pickle
+   is refused. Before each checkpoint, and after every store outage, the version
+   must still be in the store, complete and no smaller than the last checkpoint
+   saw: a store that came back empty stops the trainer before it saves or commits
+   anything (:mod:`~student.online.keeper`).
 
 Why this is exactly-once: the model state and the offsets that produced it are
 saved in one atomic step, so after a crash anywhere the trainer resumes from a
 state whose offsets match its weights; the batches after that checkpoint are
 replayed from the same offsets with the same joiner and RNG state and therefore
-recompute the same updates. Dead letters are at-least-once (keyed by source
+recompute the same updates. A resume under other hyperparameters than the
+checkpoint's is refused unless accepted as a new segment, and never for another
+``batch_size`` (:mod:`~student.online.resume`). Dead letters are at-least-once (keyed by source
 position, so readers can drop repeats); Prometheus counters restart at zero.
 
 Test hook: ``CODISTILL_TRAINER_CRASH_AT="after_step:5,after_checkpoint:9"`` makes

@@ -1,22 +1,29 @@
 """What an online trainer distils from and into: the teacher version and a new student.
 
-A trainer is pinned to one teacher version for its whole life (its checkpoints'
+A trainer distils from one teacher version for its whole life (its checkpoints'
 weights only make sense against that version's soft labels and, for query-only
 students, its candidate vectors), so the version is resolved once, from the
 checkpoint when there is one, and refused when it is unknown or half-written. A
 fresh trainer builds its student here: a warm start from a student directory, or a
-bag-of-subwords student whose vocabulary is fitted on the pinned version's
-candidate texts (and the train split's queries). Every store read goes through the
-trainer's retry function.
+bag-of-subwords student whose vocabulary is fitted on the version's
+candidate texts (and the train split's queries); a finished run exports the
+student as a normal student directory (:func:`export_student`). Every store read
+goes through the trainer's retry function.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from codistill.config import OnlineTrainerConfig, Settings
+from codistill.fsio import publish_dir, write_synced
 from stores.base import Store
 from student.asym import StoreCandidates
 from student.base import Student
@@ -80,14 +87,14 @@ def resolve_version(store: Store, cfg: OnlineTrainerConfig, retry: Retry,
 
 
 def candidate_source(store: Store, version: str, retry: Retry) -> StoreCandidates:
-    """Teacher vectors of the pinned version for query-only students, read with retry.
+    """Teacher vectors of its version for query-only students, read with retry.
 
     Parameters
     ----------
     store
         The store holding the version's candidate embeddings.
     version
-        The pinned teacher version.
+        The trainer's teacher version.
     retry
         The trainer's retry function.
 
@@ -112,7 +119,7 @@ def new_student(store: Store, settings: Settings, cfg: OnlineTrainerConfig, vers
     cfg
         ``init_student`` (warm start) or the architecture of a new ``BowStudent``.
     version
-        The pinned teacher version.
+        The trainer's teacher version.
     retry
         The trainer's retry function.
 
@@ -153,7 +160,7 @@ def new_student(store: Store, settings: Settings, cfg: OnlineTrainerConfig, vers
 
 def vocabulary_texts(store: Store, settings: Settings, cfg: OnlineTrainerConfig, version: str,
                      retry: Retry) -> list[str]:
-    """Candidate texts of the pinned version (+ train-split queries when available).
+    """Candidate texts of its version (+ train-split queries when available).
 
     Parameters
     ----------
@@ -178,3 +185,39 @@ def vocabulary_texts(store: Store, settings: Settings, cfg: OnlineTrainerConfig,
     if not texts:
         raise TrainerError(f"no candidate texts for {version!r}: cannot fit a vocabulary")
     return texts
+
+
+def export_student(student: Student, out: str | Path, trainer_meta: dict[str, Any]) -> Path:
+    """Replace the directory ``out`` with ``student`` (a normal loadable student directory).
+
+    The student is written next to ``out`` and renamed into place, with
+    ``trainer.json`` (``trainer_meta``) beside its files; leftovers of a process
+    killed half-way are removed first.
+
+    Parameters
+    ----------
+    student
+        The model to save.
+    out
+        The final directory.
+    trainer_meta
+        JSON-ready facts about the run that produced it.
+
+    Returns
+    -------
+    Path
+        ``out``.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*-*"):  # left by a process killed here
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    student.save(tmp)
+    write_synced(tmp / "trainer.json", json.dumps(trainer_meta, indent=1))
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.rename(out, old)
+    publish_dir(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out

@@ -3,8 +3,11 @@
 A checkpoint is everything the online trainer needs to continue *as if it had
 never stopped*: the student (a loadable student directory: ``config.json`` +
 ``model.safetensors``), the optimizer state (tensors as safetensors, the rest
-JSON), RNG states, and ``state.json`` with the next offset per partition, the
-Joiner state, counters and the :class:`Ledger`. Layout::
+JSON), RNG states, the drift detectors' inputs (``drift.json``), and
+``state.json`` with the next offset per partition, the Joiner state, counters,
+the store counts last checked, the hyperparameter segments and the
+:class:`Ledger`. JSON and safetensors only: unpickling runs code, so a checkpoint
+carrying a pickle payload is refused (:func:`refuse_pickles`). Layout::
 
     <root>/LATEST                 "ckpt-000000012"  (the only source of truth)
     <root>/ckpt-000000009/ ...    the previous one (kept: last ``keep``)
@@ -45,7 +48,8 @@ STATE_FILE = "state.json"
 OPTIM_TENSORS = "optimizer.safetensors"
 OPTIM_META = "optimizer.json"
 RNG_FILE = "rng.safetensors"
-DRIFT_FILE = "drift.pkl"
+DRIFT_FILE = "drift.json"
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth")
 STATE_FORMAT = 1
 _NAME = re.compile(r"^ckpt-(\d{9,})$")
 
@@ -171,6 +175,8 @@ class TrainerState:
     joiner: dict[str, Any] = field(default_factory=dict)
     ledger: Ledger = field(default_factory=Ledger)
     counters: dict[str, float] = field(default_factory=dict)
+    store_counts: dict[str, int] = field(default_factory=dict)  # the version's, when last checked
+    segments: list[dict[str, Any]] = field(default_factory=list)  # see student.online.resume
     python_rng: Any = None
     numpy_rng: Any = None
 
@@ -276,7 +282,7 @@ class Checkpoint:
     state: TrainerState
     optimizer_state: dict[str, Any]
     rng: dict[str, torch.Tensor]
-    drift: bytes | None
+    drift: dict[str, Any] | None
 
 
 class CheckpointManager:
@@ -361,7 +367,7 @@ class CheckpointManager:
         student: Student,
         optimizer: torch.optim.Optimizer,
         state: TrainerState,
-        drift: bytes | None = None,
+        drift: dict[str, Any] | None = None,
         before_switch: Callable[[], None] | None = None,
     ) -> Path:
         """Write checkpoint ``state.batches`` atomically and make it LATEST.
@@ -373,7 +379,7 @@ class CheckpointManager:
         state
             Offsets, joiner, counters, ledger; its RNG fields are filled here.
         drift
-            The drift monitor's bytes (``drift.pkl``).
+            The drift monitor's JSON state (``drift.json``).
         before_switch
             Called after the rename, before ``LATEST`` moves (the crash hook).
 
@@ -395,7 +401,7 @@ class CheckpointManager:
         _write_json(tmp / OPTIM_META, meta)
         save_file(rng, str(tmp / RNG_FILE))
         if drift is not None:
-            write_synced(tmp / DRIFT_FILE, drift)
+            _write_json(tmp / DRIFT_FILE, drift)
         _write_json(tmp / STATE_FILE, state.to_json())  # written last: marks the dir complete
         if final.exists():  # an orphan of a crash between rename and the LATEST switch
             self._remove(final)
@@ -407,49 +413,49 @@ class CheckpointManager:
         return final
 
     def load(self, path: Path | None = None) -> Checkpoint | None:
-        """The checkpoint at ``path`` (default: LATEST), or None if there is none yet."""
+        """The checkpoint at ``path`` (default: LATEST), or None if there is none yet.
+
+        Raises
+        ------
+        CheckpointError
+            When the directory carries a pickle payload (see :func:`refuse_pickles`).
+        """
         path = path or self.latest_path()
         if path is None:
             return None
+        refuse_pickles(path)
         state = TrainerState.from_json(json.loads((path / STATE_FILE).read_text("utf-8")))
         meta = json.loads((path / OPTIM_META).read_text("utf-8"))
         optim = optimizer_join(load_file(str(path / OPTIM_TENSORS)), meta)
         drift_file = path / DRIFT_FILE
         return Checkpoint(path, state, optim, load_file(str(path / RNG_FILE)),
-                          drift_file.read_bytes() if drift_file.exists() else None)
+                          json.loads(drift_file.read_text("utf-8")) if drift_file.exists()
+                          else None)
 
 
-def export_student(student: Student, out: str | Path, trainer_meta: dict[str, Any]) -> Path:
-    """Replace the directory ``out`` with ``student`` (a normal loadable student directory).
+def refuse_pickles(path: Path) -> None:
+    """Raise :class:`CheckpointError` if a file under ``path`` looks like a pickle.
 
-    The student is written next to ``out`` and renamed into place, with
-    ``trainer.json`` (``trainer_meta``) beside its files; leftovers of a process
-    killed half-way are removed first.
+    A pickle is a ``.pkl``-like name (``drift.pkl`` of earlier releases included) or
+    content starting with the protocol byte ``0x80``. A safetensors file may start
+    with that byte too (its first 8 bytes are the header length), so one is
+    accepted when its header is what safetensors writes: a length that fits the
+    file, followed by ``{``.
 
     Parameters
     ----------
-    student
-        The model to save.
-    out
-        The final directory.
-    trainer_meta
-        JSON-ready facts about the run that produced it.
-
-    Returns
-    -------
-    Path
-        ``out``.
+    path
+        A checkpoint directory.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.*-*"):  # left by a process killed here
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    student.save(tmp)
-    write_synced(tmp / "trainer.json", json.dumps(trainer_meta, indent=1))
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.rename(out, old)
-    publish_dir(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(file, "rb") as fh:
+            head = fh.read(9)
+        header = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
+        safetensors = (file.suffix == ".safetensors" and head[8:9] == b"{"
+                       and 8 + header <= file.stat().st_size)
+        if file.suffix in PICKLE_SUFFIXES or (head[:1] == b"\x80" and not safetensors):
+            raise CheckpointError(
+                f"{file} carries a pickle payload: trainer checkpoints hold JSON and "
+                "safetensors only (unpickling runs code), so this checkpoint is refused. "
+                "Remove the file if it is yours (a drift.pkl of an earlier release: the "
+                "drift detectors then start empty), or start afresh under another name.")

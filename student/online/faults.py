@@ -6,7 +6,10 @@
   optionally giving up after a while), counts it, and stops waiting when a stop was
   requested. Readers and bootstrap code take that function as an argument
   (:class:`Retry`), so they retry exactly as the trainer does without knowing its
-  counters.
+  counters. A backend that comes back may have come back *empty* (a Redis without
+  persistence): the retry then calls its ``on_recovered`` hook before it hands the
+  answer back, and the trainer checks its teacher version first
+  (:mod:`~student.online.keeper`).
 * **Stop signals.** SIGTERM / SIGINT only *request* a stop: the current batch is
   finished, checkpointed and committed first.
 * **Crashes.** Exactly-once is only as good as its test, which kills the trainer in
@@ -61,14 +64,21 @@ class BackoffRetry:
         The trainer's metrics (``store_outages``, ``store_retries``, ``stream_outages``).
     stopping
         True once a stop was requested: the retry then raises :class:`Interrupted`.
+    on_recovered
+        ``on_recovered(kind)``, called when a call succeeds after an outage, *before*
+        its result is handed back: a backend that comes back may have lost its data
+        (a Redis without persistence), so the caller checks before it uses the answer.
+        May raise; the result is then discarded.
     """
 
     def __init__(self, backoff: BackoffConfig, count: Callable[[str], Any], metrics: Any,
-                 stopping: Callable[[], bool]) -> None:
+                 stopping: Callable[[], bool],
+                 on_recovered: Callable[[str], None] | None = None) -> None:
         self.backoff = backoff
         self.count = count
         self.metrics = metrics
         self.stopping = stopping
+        self.on_recovered = on_recovered
 
     def __call__(self, kind: str, what: str, fn: Callable[[], T]) -> T:
         """Call ``fn``; while its backend is unreachable, back off and call it again.
@@ -114,6 +124,8 @@ class BackoffRetry:
                 continue
             if began is not None:
                 log.info("%s back after %.1f s (%s)", kind, time.monotonic() - began, what)
+                if self.on_recovered is not None:
+                    self.on_recovered(kind)
             return result
 
 

@@ -5,7 +5,7 @@ records ``[start, end)`` - never fewer (a short read would move every later batc
 boundary), never a gap (compacted or transactional topics are refused rather
 than silently renumbered). Validation turns records into events and sends the
 rest to the dead-letter queue with their reason: malformed JSON or schema, and
-impressions or feedback naming a candidate the pinned teacher version does not
+impressions or feedback naming a candidate the trainer's teacher version does not
 know. Both go through the trainer's retry function, so an unreachable backend
 is waited out instead of skipping a batch, and all store reads of a batch happen
 before its first dead letter is sent: a retried batch never dead-letters twice.
@@ -103,7 +103,7 @@ def validate_records(
     store
         The label store; one batched ``has_embeddings`` call checks every candidate id.
     version
-        The pinned teacher version whose candidates are "known".
+        The trainer's teacher version, whose candidates are "known".
     dlq
         Where rejected records go, with their reason.
     retry

@@ -15,14 +15,13 @@ teacher-student top-1 agreement on the batch's labelled queries. ADWIN keeps an
 adaptive window and flags a change when two sub-windows' means differ
 significantly; a flag is a *drift event*. The ``drift_state`` gauge stays 1 for
 ``hold_batches`` batches after an event so a 15 s scrape interval cannot miss it.
-Detector state is pickled into checkpoints so a restarted trainer keeps its window.
+Checkpoints keep each detector's recent inputs as JSON (no pickle: it runs code when
+loaded), and a restarted trainer replays them (see :class:`DriftMonitor`).
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import pickle
 import time
 from collections import deque
 from typing import Any
@@ -37,7 +36,16 @@ SIGNALS = ("loss", "agreement")
 
 
 class DriftMonitor:
-    """ADWIN per signal; counts events and remembers the batch of the last one.
+    """ADWIN per signal; counts events, remembers the batch of the last one, keeps its inputs.
+
+    The detectors' state goes into checkpoints as JSON (:meth:`to_json`): river's
+    ADWIN state is opaque, and pickle - the only way to save it whole - runs code
+    when loaded. What is saved instead is each signal's inputs since its detector
+    last reset (ADWIN starts afresh on the update after a drift), at most
+    ``window`` of them; :meth:`from_json` replays them into fresh detectors. The
+    rebuilt detector equals the uninterrupted one when the window held every input
+    since that reset (``truncated`` False); otherwise it holds the last ``window``
+    inputs only - a shorter window, so its mean and its next drift call may differ.
 
     Parameters
     ----------
@@ -45,16 +53,21 @@ class DriftMonitor:
         ADWIN confidence (smaller: fewer, surer events).
     hold_batches
         Batches during which :meth:`in_drift` stays True after an event.
+    window
+        Inputs per signal kept for the checkpoint (``drift_window``).
     """
 
-    def __init__(self, delta: float = 0.002, hold_batches: int = 10) -> None:
+    def __init__(self, delta: float = 0.002, hold_batches: int = 10, window: int = 2000) -> None:
         from river import drift  # imported here, when a trainer starts: river is slow to import
 
         self.delta = delta
         self.hold_batches = hold_batches
+        self.window = window
         self.detectors = {s: drift.ADWIN(delta=delta) for s in SIGNALS}
         self.events = dict.fromkeys(SIGNALS, 0)
         self.last_event: dict[str, int | None] = dict.fromkeys(SIGNALS, None)
+        self.inputs: dict[str, deque[float]] = {s: deque(maxlen=window) for s in SIGNALS}
+        self.truncated = dict.fromkeys(SIGNALS, False)
 
     def update(self, signal: str, value: float, batch: int) -> bool:
         """Feed one per-batch value.
@@ -73,13 +86,22 @@ class DriftMonitor:
         bool
             True when this value completes a drift event.
         """
-        detector = self.detectors[signal]
-        detector.update(float(value))
-        if detector.drift_detected:
+        if self._feed(signal, float(value)):
             self.events[signal] += 1
             self.last_event[signal] = batch
             return True
         return False
+
+    def _feed(self, signal: str, value: float) -> bool:
+        detector, inputs = self.detectors[signal], self.inputs[signal]
+        if detector.drift_detected:  # ADWIN resets on this update: its history starts again
+            inputs.clear()
+            self.truncated[signal] = False
+        if len(inputs) == inputs.maxlen:
+            self.truncated[signal] = True
+        inputs.append(value)
+        detector.update(value)
+        return bool(detector.drift_detected)
 
     def in_drift(self, signal: str, batch: int) -> bool:
         last = self.last_event[signal]
@@ -93,23 +115,41 @@ class DriftMonitor:
             for s in SIGNALS
         }
 
-    def dumps(self) -> bytes:
-        return pickle.dumps(self)
+    def to_json(self) -> dict[str, Any]:
+        """Settings, event counts and each signal's inputs since its last reset (JSON-ready)."""
+        return {"delta": self.delta, "hold_batches": self.hold_batches, "window": self.window,
+                "events": dict(self.events), "last_event": dict(self.last_event),
+                "inputs": {s: list(v) for s, v in self.inputs.items()},
+                "truncated": dict(self.truncated)}
 
-    @staticmethod
-    def loads(data: bytes) -> DriftMonitor:
-        """Only ever fed the trainer's own checkpoint files (pickle runs code)."""
-        monitor = _Unpickler(io.BytesIO(data)).load()  # noqa: S301
-        if not isinstance(monitor, DriftMonitor):
-            raise TypeError("not a DriftMonitor")
+    @classmethod
+    def from_json(cls, data: dict[str, Any], window: int | None = None) -> DriftMonitor:
+        """Rebuild a monitor from :meth:`to_json` by replaying the saved inputs.
+
+        Parameters
+        ----------
+        data
+            What :meth:`to_json` returned (after a JSON round trip).
+        window
+            Inputs to keep from now on; default the saved monitor's.
+
+        Returns
+        -------
+        DriftMonitor
+            Equal to the saved one when no signal was ``truncated`` (see the class).
+        """
+        monitor = cls(float(data["delta"]), int(data["hold_batches"]),
+                      int(window or data["window"]))
+        for s in SIGNALS:
+            saved = [float(v) for v in data["inputs"].get(s, [])]
+            for value in saved[-monitor.window:]:
+                monitor._feed(s, value)  # a replay: not new events
+            monitor.truncated[s] = (monitor.truncated[s] or bool(data["truncated"].get(s))
+                                    or len(saved) > monitor.window)
+            monitor.events[s] = int(data["events"].get(s, 0))
+            last = data["last_event"].get(s)
+            monitor.last_event[s] = None if last is None else int(last)
         return monitor
-
-
-class _Unpickler(pickle.Unpickler):
-    """Checkpoints written before the move to ``student.online`` name ``student.telemetry``."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        return super().find_class(__name__ if module == "student.telemetry" else module, name)
 
 
 class RateMeter:
@@ -148,7 +188,7 @@ class TrainerMetrics:
         def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
             return Gauge(PREFIX + name, doc, labels, registry=r)
 
-        self.info = gauge("info", "Constant 1, labelled with the trainer and its pinned teacher",
+        self.info = gauge("info", "Constant 1, labelled with the trainer and its teacher version",
                           ("name", "teacher_version"))
         self.events = counter("events_consumed", "Records read from the events topic")
         self.events_rate = gauge("events_per_second", "Records consumed per second (10 s window)")

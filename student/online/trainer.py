@@ -2,7 +2,7 @@
 
 :class:`~student.online.learner.OnlineLearner` takes a step on a joined batch and
 knows nothing of where batches come from. :class:`OnlineTrainer` is the rest: one
-writer per trainer name, the pinned teacher version, the offset schedule, reading,
+writer per trainer name, the leased teacher version, the offset schedule, reading,
 validating and joining, batched fetches with retries, checkpoint-then-commit,
 metrics and drift, signals, the crash hook and the export of the final student.
 The protocol and why it is exactly-once: :mod:`student.online`.
@@ -31,18 +31,19 @@ from streaming.dlq import DeadLetterQueue
 from streaming.join import JoinedImpression, Joiner
 from student.base import Student
 from student.online.batching import CachingTokenizer
-from student.online.bootstrap import TrainerError, candidate_source, new_student, resolve_version
-from student.online.checkpoint import (
-    FLUSH_PARTITION,
-    CheckpointManager,
-    Key,
-    TrainerState,
+from student.online.bootstrap import (
+    TrainerError,
+    candidate_source,
     export_student,
-    restore_rng,
+    new_student,
+    resolve_version,
 )
+from student.online.checkpoint import FLUSH_PARTITION, CheckpointManager, Key, TrainerState
 from student.online.faults import BackoffRetry, CrashHook, Interrupted, stop_on_signals
+from student.online.keeper import VersionKeeper
 from student.online.learner import JoinedBatch, LearnStats, OnlineLearner
 from student.online.reader import read_range, validate_records
+from student.online.resume import check_config, check_resume_point, first_segment, restore
 from student.online.schedule import Wait, next_batch
 from student.online.telemetry import DriftMonitor, TrainerMetrics
 
@@ -85,6 +86,8 @@ class OnlineTrainer:
         self.dlq = DeadLetterQueue(self.stream, self.dlq_topic, self.metrics.registry)
         self.counters: dict[str, float] = {}
         self._retry = BackoffRetry(cfg.backoff, self._count, self.metrics, lambda: self._stop)
+        self.keeper = VersionKeeper(self.store, self.consumer, cfg.lease_ttl_s, self._retry)
+        self._retry.on_recovered = self.keeper.on_recovered  # a store back from an outage
         self._crash_hook = CrashHook()
         self._stop = False
         self._ends: dict[int, int] = {}
@@ -141,6 +144,7 @@ class OnlineTrainer:
                 self._export_student()
             return self.summary(time.monotonic() - started, interrupted)
         finally:
+            self.keeper.release()  # a clean exit; a killed trainer's lease runs out instead
             restore()
             torch.set_num_threads(threads)  # process-wide settings: leave them as found
             if deterministic != (torch.are_deterministic_algorithms_enabled(),
@@ -183,26 +187,15 @@ class OnlineTrainer:
         ckpt = self.checkpoints.load()
         self.version = resolve_version(self.store, cfg, self._retry,
                                        ckpt.state.teacher_version if ckpt else None)
-        self._retry("store", "pin", lambda: self.store.pin(self.version, self.consumer))
+        counts = self.keeper.take(self.version, ckpt.state.store_counts if ckpt else {})
         self.joiner: Joiner
         if ckpt is not None:
-            st = ckpt.state
-            if st.topic != self.topic or st.batch_size != cfg.batch_size:
-                raise TrainerError(
-                    f"checkpoint {ckpt.path} was written for topic {st.topic!r} with batch_size "
-                    f"{st.batch_size}; this run has {self.topic!r} / {cfg.batch_size}: batch "
-                    "boundaries would move. Use another trainer name to start afresh."
-                )
+            segment = check_config(ckpt, cfg, self.topic)
             student = Student.load(
                 ckpt.path, expected_teacher_version=self.version,
                 candidate_source=candidate_source(self.store, self.version, self._retry))
-            self.learner = OnlineLearner.from_config(student, cfg)
-            self.learner.optimizer.load_state_dict(ckpt.optimizer_state)
-            restore_rng(st, ckpt.rng)  # after Student.load, whose module init draws from it
-            self.state = st
-            self.joiner = Joiner.from_state(st.joiner)
-            self.drift = (DriftMonitor.loads(ckpt.drift) if ckpt.drift is not None
-                          else DriftMonitor(cfg.drift_delta))
+            self.learner, self.joiner, self.drift = restore(ckpt, student, cfg, segment)
+            self.state = st = ckpt.state
             self.counters = dict(st.counters)
             self._last_ckpt = st.batches
             self.resumed_from = ckpt.path.name
@@ -214,9 +207,10 @@ class OnlineTrainer:
             torch.manual_seed(cfg.seed)
             student = new_student(self.store, self.settings, cfg, self.version, self._retry)
             self.learner = OnlineLearner.from_config(student, cfg)
-            self.state = TrainerState(cfg.name, self.version, self.topic, cfg.batch_size)
+            self.state = TrainerState(cfg.name, self.version, self.topic, cfg.batch_size,
+                                      store_counts=counts, segments=[first_segment(cfg)])
             self.joiner = Joiner(cfg.window_s, cfg.allowed_lateness_s)
-            self.drift = DriftMonitor(cfg.drift_delta)
+            self.drift = DriftMonitor(cfg.drift_delta, window=cfg.drift_window)
         if cfg.token_cache:
             student.tokenizer = CachingTokenizer(student.tokenizer, cfg.token_cache)
         self.partitions = sorted(self._retry("stream", "partitions",
@@ -224,7 +218,8 @@ class OnlineTrainer:
         for p in self.partitions:
             self.state.offsets.setdefault(p, 0)
         if ckpt is not None:
-            self._check_resume_point()
+            check_resume_point(self.state, self.stream, self.group, self.topic, self.partitions,
+                               self._retry)
             self._commit()  # a crash between checkpoint and commit left the group behind
         self.metrics.info.labels(name=cfg.name, teacher_version=self.version).set(1)
         self.metrics.last_checkpoint.set(max(self._last_ckpt, 0))
@@ -237,19 +232,6 @@ class OnlineTrainer:
             if self._lock is None:
                 raise TrainerError(f"another trainer holds {self.checkpoints.root}: trainer "
                                    f"{self.cfg.name!r} is already running")
-
-    def _check_resume_point(self) -> None:
-        """The checkpoint's offsets must match its ledger; warn if the group is ahead."""
-        self.state.ledger.check_resume(
-            self.topic, {p: self.state.offsets[p] for p in self.partitions})
-        for p in self.partitions:
-            nxt = self.state.offsets[p]
-            group = self._retry("stream", "committed",
-                                lambda p=p: self.stream.committed(self.group, self.topic, p))
-            if group is not None and group > nxt:
-                log.warning("group %s committed %s[%d] up to %d, past the checkpoint's %d: "
-                            "another consumer uses this group? Resuming from the checkpoint",
-                            self.group, self.topic, p, group, nxt)
 
     # -- the loop --------------------------------------------------------------------------
     def _done(self) -> bool:
@@ -265,6 +247,7 @@ class OnlineTrainer:
             targets = {p: self._end(p) for p in self.partitions}
         idle, waiting = 0, False
         while not self._done():
+            self.keeper.renew_if_due()  # at batch boundaries and while waiting for data
             step = next_batch(self.partitions, state.offsets, self._ends, state.turn, size,
                               targets, flush=cfg.flush_at_end and not state.flushed)
             if step is None:
@@ -397,16 +380,19 @@ class OnlineTrainer:
     # -- checkpoint + commit ---------------------------------------------------------------
     def _checkpoint(self) -> None:
         t0 = time.perf_counter()
+        # nothing is saved or committed on top of a store that lost the version (StoreLost)
+        self.state.store_counts = self.keeper.check(f"before checkpoint {self.state.batches}")
         self._retry("stream", "flush", self.stream.flush)  # dead letters of these batches
         self.state.joiner = self.joiner.state()
         self.state.counters = dict(self.counters)
         for reason, value in self.joiner.counters.items():
             self.metrics.join_dropped.labels(reason=reason).set(value)
         self.last_checkpoint = self.checkpoints.save(
-            self.student, self.optimizer, self.state, self.drift.dumps(),
+            self.student, self.optimizer, self.state, self.drift.to_json(),
             before_switch=lambda: self._crash("before_latest"),
         )
         self._last_ckpt = self.state.batches
+        self.keeper.recorded = dict(self.state.store_counts)
         self._crash("after_checkpoint")
         self._commit()
         seconds = time.perf_counter() - t0
