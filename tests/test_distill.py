@@ -490,3 +490,39 @@ def test_student_benchmark_quick_writes_its_table(small: Settings, tmp_path: Pat
     asym, bow = result["variants"]["asym-bow, static start"], result["variants"]["bow, random start"]
     assert _pooled(asym, "mrr@10") > _pooled(bow, "mrr@10")  # the static start pays (0.52 vs 0.4)
     assert result["variants"]["asym-bow, static start"]["speed"]["student"]["queries_per_s"] > 0
+
+
+def test_a_killed_distillation_leaves_a_lease_that_runs_out_not_a_pin(small: Settings) -> None:
+    """While distilling, the teacher version is held by a lease; a SIGKILLed distill
+    leaves nothing permanent behind (a durable pin belongs to saved students only)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys; from codistill.config import load_settings, DistillConfig;"
+            "from student.distill import distill;"
+            f"s = load_settings(home={str(small.home)!r}, data={{'size': 'small'}});"
+            "distill(s, DistillConfig(epochs=100000, time_budget_s=600, init='random',"
+            " measure_speed=False, track_valid=False), progress=False)")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root,
+                            env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    store = open_configured_store(small)
+    try:
+        version = store.current()
+        assert version is not None
+        deadline = time.monotonic() + 120
+        while not [h for h in store.holds(version) if "distilling" in h.owner]:
+            assert proc.poll() is None and time.monotonic() < deadline, "distill never held it"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        assert not [p for p in store.pins(version) if "distilling" in p]
+        (hold,) = [h for h in store.holds(version) if "distilling" in h.owner]
+        assert hold.kind == "lease" and hold.expires_at is not None
+        assert hold.expires_at < time.time() + 3600
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        store.close()
