@@ -6,8 +6,9 @@ for the train split: per query, the raw cosine of every candidate (teacher logit
 The teacher model runs only for the static start (``init="teacher"``: one encoding
 per subword, ``student.static_init``, cached) and the speed report. ``distill``
 
-1. opens the configured store and pins its *current* teacher version while it works
-   (``student:distilling-...``), so the labels are never expired under it;
+1. opens the configured store and holds its *current* teacher version with a lease
+   (``student:distilling-...``) while it works, so the labels are never expired under
+   it and a killed run leaves nothing permanent;
 2. reads the train / valid / test splits and their labels (``student.labels``);
 3. builds a fresh student (``student.build.build_student``; ``asym-bow`` by default,
    scored against the teacher's stored candidate vectors, or the symmetric ``bow``)
@@ -75,6 +76,8 @@ __all__ = [
     "teacher_metrics_from_store",
 ]
 
+LEASE_SLACK_S = 600.0  # labels, evaluation and saving around the training budget
+
 
 def distill(settings: Settings, cfg: DistillConfig | None = None, progress: bool = True,
             set_current: bool = True) -> dict[str, Any]:
@@ -140,8 +143,12 @@ def _distill(settings: Settings, cfg: DistillConfig, progress: bool, set_current
             raise LookupError(f"{store.describe()}: current version {version} has no manifest")
         if cfg.embed_weight > 0 and cfg.out_dim not in (None, info.dim):
             raise ValueError(f"embed_weight needs out_dim = the teacher's dim ({info.dim})")
+        # a lease, not a pin: a distillation killed half way must leave nothing permanent.
+        # It spans the training budget plus slack for labels, evaluation and saving, and is
+        # renewed once training is done.
         holding = f"student:distilling-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        store.pin(version, holding)
+        lease_s = cfg.time_budget_s + LEASE_SLACK_S
+        store.lease(version, holding, lease_s)
         try:
             splits = {sp: read_split(settings, sp) for sp in ("train", *EVAL_SPLITS)}
             records = read_labels(store, version, splits["train"])
@@ -168,6 +175,7 @@ def _distill(settings: Settings, cfg: DistillConfig, progress: bool, set_current
 
             train = fit(student, data, cfg, progress=progress, valid=splits["valid"])
             clock["train"] = train["seconds"]
+            store.lease(version, holding, LEASE_SLACK_S)
 
             t0 = time.perf_counter()
             results: dict[str, dict[str, dict[str, float]]] = {
@@ -194,7 +202,7 @@ def _distill(settings: Settings, cfg: DistillConfig, progress: bool, set_current
             if set_current:
                 reg.set_current(card.student_version)
         finally:
-            store.unpin(version, holding)
+            store.release(version, holding)
         speed = None
         if cfg.measure_speed:
             t0 = time.perf_counter()
