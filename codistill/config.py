@@ -34,6 +34,9 @@ class DataSettings(BaseModel):
     seed: int = 0
     valid_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    guard_sets: list[Literal["nl2code-prose", "code2code-versions"]] | None = Field(
+        None, description="guard sets to build, evaluate and gate on (tasks.guards); None = "
+        "both, except at small: nl2code-prose only (code2code-versions downloads wheels)")
 
 
 class TrainSettings(BaseModel):

@@ -1,9 +1,12 @@
 """Build a code-search ranking data set: sources -> pairs -> splits -> candidate lists.
 
 The output directory holds ``train.jsonl``, ``valid.jsonl``, ``test.jsonl`` (the
-project's ranking format) and ``manifest.json``, which records everything needed
-to rebuild the same bytes (sizes, seed, interpreter, pinned wheel hashes) and a
-``data_hash`` over the three files so downstream caches can key on the data.
+project's ranking format), one ``guard_<name>.jsonl`` per guard set
+(:mod:`tasks.guards`) and ``manifest.json``, which records everything needed
+to rebuild the same bytes (sizes, seed, interpreter, pinned wheel hashes), a
+``data_hash`` over the three split files so downstream caches can key on the data,
+and under ``guards`` each guard file's sha256, counts and sources, with a
+separate ``guards_hash`` over them (so adding guards left ``data_hash`` as it was).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 from codistill.config import DataSettings
 from codistill.fsio import atomic_write_text
 from codistill.ranking import RankingExample, read_ranking_file, write_ranking_file
+from tasks.guards import build_guards, file_name, file_sha256, guards_hash
 from tasks.mine import mine
 from tasks.negatives import build_examples
 from tasks.packages import SMALL_STDLIB, pins_for
@@ -110,6 +114,20 @@ def build_dataset(
         write_ranking_file(out_dir / f"{s}.jsonl", examples[s])
     digest = data_hash(out_dir)
     lap("write")
+    guards = build_guards(data, cache_dir / "wheels", (p.group for s in SPLITS for p in pools[s]),
+                          progress)
+    for stale in out_dir.glob("guard_*.jsonl"):
+        if stale.name not in {file_name(g.name) for g in guards}:
+            stale.unlink()
+    guard_entries: dict[str, Any] = {}
+    for guard in guards:
+        path = out_dir / file_name(guard.name)
+        write_ranking_file(path, guard.examples)
+        guard_entries[guard.name] = {
+            "file": path.name, "sha256": file_sha256(path), "counts": guard.counts(),
+            "sources": guard.sources, "mining": dict(sorted(guard.stats.items())),
+        }
+    lap("guards")
 
     source_pairs = Counter(p.source for p in mined.pairs)
     manifest: dict[str, Any] = {
@@ -129,6 +147,8 @@ def build_dataset(
         "counts": {s: _counts(examples[s], pools[s]) for s in SPLITS},
         "groups": {s: sorted({p.group for p in pools[s]}) for s in SPLITS},
         "data_hash": digest,
+        "guards": guard_entries,
+        "guards_hash": guards_hash(guard_entries),
         "build_seconds": round(time.perf_counter() - started, 2),
         "stage_seconds": stages,
     }

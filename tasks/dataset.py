@@ -8,14 +8,19 @@ is reused only for exactly the same data).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from codistill.config import Settings
-from codistill.ranking import RankingExample
+from codistill.ranking import RankingExample, read_ranking_file
 from tasks.build import MANIFEST, load_manifest, load_split
+from tasks.guards import file_name, guards_for
 from tasks.split import SPLITS, Split
 
-__all__ = ["SPLITS", "manifest_data_hash", "metric_label", "read_split", "split_path"]
+__all__ = ["SPLITS", "built_guards", "guard_label", "manifest_data_hash", "metric_label",
+           "read_guard", "read_split", "split_path"]
+
+log = logging.getLogger(__name__)
 
 
 def split_path(settings: Settings, split: str) -> Path:
@@ -44,3 +49,38 @@ def manifest_data_hash(settings: Settings) -> str | None:
 def metric_label(settings: Settings, split: str) -> str:
     """Key under which metrics on ``split`` are stored on teacher and student cards."""
     return f"{settings.data.size}/{split}@{(manifest_data_hash(settings) or 'nodata')[:12]}"
+
+
+def built_guards(settings: Settings) -> list[str]:
+    """The configured guard sets (``data.guard_sets``) that the build wrote, in that order.
+
+    A configured guard missing from the build (data built before guard sets existed,
+    or with other ``guard_sets``) is left out with a warning naming the rebuild.
+    """
+    manifest = (load_manifest(settings.data_dir)
+                if (settings.data_dir / MANIFEST).exists() else {})
+    built = manifest.get("guards", {})
+    names = []
+    for name in guards_for(settings.data):
+        if name in built and (settings.data_dir / file_name(name)).exists():
+            names.append(name)
+        else:
+            log.warning("guard set %s is not in %s: rebuild with `codistill data build "
+                        "--size %s`", name, settings.data_dir, settings.data.size)
+    return names
+
+
+def read_guard(settings: Settings, name: str) -> list[RankingExample]:
+    """The validated examples of one built guard set."""
+    path = settings.data_dir / file_name(name)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: build the data first with `codistill data build --size {settings.data.size}`"
+        )
+    return read_ranking_file(path)
+
+
+def guard_label(settings: Settings, name: str) -> str:
+    """Card key of metrics on a guard set: size, guard name and the guard file's hash."""
+    entry = load_manifest(settings.data_dir).get("guards", {}).get(name, {})
+    return f"{settings.data.size}/guard_{name}@{entry.get('sha256', 'nodata')[:12]}"

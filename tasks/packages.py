@@ -250,6 +250,51 @@ PINS: tuple[Pin, ...] = tuple(Pin(*line.split()) for line in _PIN_TABLE.strip().
 
 _BY_NAME = {pin.name: pin for pin in PINS}
 
+# Guard sets (tasks.guards) are mined from these wheels only. None of them is a training
+# pin (not even at `full`), and none vendors a training package. One wheel a line; a
+# package in the version guard has both releases pinned. sha256 checked with
+# `pip download --no-deps NAME==VERSION` (twice, independently) and `sha256sum`.
+_GUARD_PIN_TABLE = """
+sympy 1.14.0 e091cc3e99d2141a0ba2847328f5479b05d94a6635cb96148ccb3f34671bd8f5
+twisted 26.10.0 3732f42af218925a0fe78d6668db55853f7fb532245a89a2669babe7d3000fa8
+nltk 3.10.4 769ba5413f265b7d3e87cd163cc28efa01e29eeef8bb6080bc907949d9fcfb51
+urwid 5.1.0 99b48fdf865100bf246e738a60d22fc965a4aa994e8744d17c5cbff9d7ccb35a
+textual 8.2.8 267375fd402dc8d981457212efa71f0e3365fd17bba144ba9bb3ed7563cb374a
+natsort 8.4.0 4732914fb471f56b5cce04d7bae6f164a592c7712e1c85f9ef585e197299521c
+ftfy 6.3.1 7c70eb532015cd2f9adb53f101fb6c7945988d023a085d127d1573dc49dd0083
+asttokens 3.0.2 9da13157f5b28becde0bd374fc677dcd3c290614264eff096f167c469cd9f933
+pyglet 2.0.10 e10a1f1a6a2dcfbf23155913746ff6fbf8ea18c5ee813b6d0e79d273bb2b3c18
+pyglet 2.1.19 5ba6e8cb0b5ac56a284e43ab411e2bbd504191c32a765abdbd6a6c4b7f1ca317
+sqlfluff 3.0.0 362a70cbf3f8d72b0e8687c0c04e61286ed424fd6cc9d4a79b079cba9be62d4d
+sqlfluff 4.5.0 471a9abcad8061e36b69f711a6d89393241e30f9d1e0869f79965c0ae2c889c7
+deepdiff 6.7.1 58396bb7a863cbb4ed5193f548c56f18218060362311aa1dc36397b2f25108bd
+deepdiff 9.1.0 80c0460e1993b04f6f0ca79abf25548b129fd218478c4ebb08f80560f5d10610
+"""
+GUARD_PINS: tuple[Pin, ...] = tuple(
+    Pin(*line.split()) for line in _GUARD_PIN_TABLE.strip().splitlines()
+)
+# nl2code-prose at demo/full: the newest release of each of these.
+GUARD_PROSE_PACKAGES: tuple[str, ...] = (
+    "sympy", "twisted", "nltk", "urwid", "textual", "natsort", "ftfy", "asttokens",
+)
+# code2code-versions: (package, older release, newer release).
+GUARD_VERSION_PACKAGES: tuple[tuple[str, str, str], ...] = (
+    ("pyglet", "2.0.10", "2.1.19"), ("sqlfluff", "3.0.0", "4.5.0"), ("deepdiff", "6.7.1", "9.1.0"),
+)
+# nl2code-prose at `small` (no downloads): stdlib modules the small training splits do not mine.
+SMALL_GUARD_STDLIB: tuple[str, ...] = (
+    "aifc", "asyncio", "codecs", "fileinput", "mimetypes", "multiprocessing", "plistlib",
+    "pstats", "socket", "sunau", "telnetlib", "textwrap", "turtle", "wave", "_pydecimal",
+)
+
+
+def guard_pin(name: str, version: str) -> Pin:
+    """The guard pin of ``name==version``."""
+    for pin in GUARD_PINS:
+        if (pin.name, pin.version) == (name, version):
+            return pin
+    raise KeyError(f"no guard pin {name}=={version}")
+
 
 def pins_for(size: Size) -> tuple[Pin, ...]:
     """The wheels a build of ``size`` mines (none for ``small``)."""

@@ -32,14 +32,15 @@ def teacher_list() -> None:
 
 @teacher_app.command("evaluate")
 def teacher_evaluate(
-    data: Annotated[list[Path] | None, typer.Option(help="ranking JSONL file(s); default: valid and test splits")] = None,
+    data: Annotated[list[Path] | None, typer.Option(help="ranking JSONL file(s); default: valid, test and the guard sets")] = None,
     teacher: Annotated[str | None, typer.Option(help="'current' (default), minilm, mpnet or a version id")] = None,
     json_out: Annotated[Path | None, typer.Option("--json-out", help="also write the metrics here")] = None,
 ) -> None:
-    """MRR@10 / NDCG@10 / Recall@k of a teacher; each unique text is encoded once (cached)."""
+    """MRR@10 / NDCG@10 / Recall@k of a teacher (and BM25 on the same lists); each unique
+    text is encoded once (cached)."""
     from codistill.ranking import RankingFileError, read_ranking_file
     from tasks.dataset import metric_label, read_split
-    from teacher.workflow import evaluate_version, resolve_version
+    from teacher.workflow import evaluate_version, guard_sets, resolve_version
 
     s = cli.settings()
     try:
@@ -48,13 +49,40 @@ def teacher_evaluate(
             sets = {str(p): (read_ranking_file(p), None) for p in data}
         else:
             sets = {sp: (read_split(s, sp), metric_label(s, sp)) for sp in ("valid", "test")}
+            sets.update({f"guard_{name}": v for name, v in guard_sets(s).items()})
         results = {name: evaluate_version(s, version, ex, label, cli.progress())
                    for name, (ex, label) in sets.items()}
     except (RankingFileError, FileNotFoundError, KeyError) as exc:
         raise cli.fail(exc) from None
     cli.out.print(cli.metrics_table(f"teacher {version}", results))
+    bm25 = {name: bm25_metrics(ex) for name, (ex, _) in sets.items()}
+    cli.out.print(cli.metrics_table("BM25 (same lists)", bm25))
     if json_out:
-        json_out.write_text(json.dumps({"teacher_version": version, "results": results}, indent=2))
+        json_out.write_text(json.dumps({"teacher_version": version, "results": results,
+                                        "bm25": bm25}, indent=2))
+
+
+def bm25_metrics(examples: list) -> dict[str, float]:
+    """BM25 on the same lists, by the rule of ``student.baselines.evaluate_bm25`` (one
+    index over the set's unique candidates, the hard negatives' tokenizer); repeated
+    here because the teacher floor may not import the student one."""
+    import bm25s
+    import numpy as np
+
+    from codistill import metrics
+    from codistill.text import quiet_bm25s, subword_tokens
+
+    texts = list(dict.fromkeys(c for ex in examples for c in ex.candidates))
+    position = {t: i for i, t in enumerate(texts)}
+    retriever = bm25s.BM25()
+    with quiet_bm25s():
+        retriever.index([subword_tokens(t) for t in texts], show_progress=False)
+    scores = []
+    for ex in examples:
+        rows = np.fromiter((position[c] for c in ex.candidates), dtype=np.int64)
+        tokens = subword_tokens(ex.query)
+        scores.append(retriever.get_scores(tokens)[rows] if tokens else np.zeros(len(rows)))
+    return metrics.evaluate(scores, [ex.labels for ex in examples])
 
 
 @teacher_app.command("train")
@@ -81,12 +109,15 @@ def teacher_train(
                else f"NOT promoted ({result['gate']['reason']}); kept")
     cli.out.print(f"{result['candidate']}: valid MRR@10 {result['valid_mrr@10_candidate']:.4f} vs "
               f"{result['valid_mrr@10_previous']:.4f} of {result['previous']} -> {verdict}")
+    for name, m in result["guards"].items():
+        cli.out.print(f"  guard {name}: MRR@10 {m['mrr@10_candidate']:.4f} vs "
+                      f"{m['mrr@10_previous']:.4f}")
     cli.out.print(f"current teacher: {result['current']}")
 
 
 @teacher_app.command("precompute")
 def teacher_precompute(
-    data: Annotated[list[Path] | None, typer.Option(help="ranking JSONL file(s); default: train, valid, test")] = None,
+    data: Annotated[list[Path] | None, typer.Option(help="ranking JSONL file(s); default: train, valid, test and the guard sets")] = None,
     teacher: Annotated[str | None, typer.Option(help="'current' (default) or a version id")] = None,
     make_current: Annotated[bool, typer.Option(help="switch the store's current version when done")] = True,
 ) -> None:
@@ -94,13 +125,16 @@ def teacher_precompute(
     from codistill.ranking import RankingFileError, read_ranking_file
     from stores.base import StoreError
     from tasks.dataset import SPLITS, read_split
-    from teacher.workflow import precompute_version, resolve_version
+    from teacher.workflow import guard_sets, precompute_version, resolve_version
 
     s = cli.settings()
     try:
         version = resolve_version(s, teacher)
-        splits = ({p.stem: read_ranking_file(p) for p in data} if data
-                  else {sp: read_split(s, sp) for sp in SPLITS})
+        if data:
+            splits = {p.stem: read_ranking_file(p) for p in data}
+        else:
+            splits = {sp: read_split(s, sp) for sp in SPLITS}
+            splits.update({f"guard_{n}": ex for n, (ex, _) in guard_sets(s).items()})
         stats = precompute_version(s, version, splits, cli.progress(), make_current)
     except (RankingFileError, FileNotFoundError, StoreError) as exc:
         raise cli.fail(exc) from None

@@ -8,7 +8,14 @@ from typing import Any
 from codistill.config import Settings
 from codistill.ranking import RankingExample
 from stores import open_configured_store
-from tasks.dataset import manifest_data_hash, metric_label, read_split
+from tasks.dataset import (
+    built_guards,
+    guard_label,
+    manifest_data_hash,
+    metric_label,
+    read_guard,
+    read_split,
+)
 from teacher.model import Teacher, TeacherRegistry, load_teacher
 from teacher.precompute import PrecomputeStats, precompute
 from teacher.train import finetune, make_triples, save_finetuned
@@ -72,13 +79,23 @@ def evaluate_version(
     return result
 
 
+def guard_sets(settings: Settings) -> dict[str, tuple[list[RankingExample], str]]:
+    """The built guard sets of the configured data (``data.guard_sets``), by name, with
+    the card label their metrics are stored under."""
+    return {name: (read_guard(settings, name), guard_label(settings, name))
+            for name in built_guards(settings)}
+
+
 def train_and_promote(settings: Settings, progress: bool = True) -> dict[str, Any]:
     """Fine-tune the current teacher; promote the result only if the gate says it is better.
 
     The gate (:mod:`codistill.gate`, ``settings.teacher.gate``, superiority by default)
-    compares per-query valid MRR@10 of candidate and incumbent on the same lists with
-    a seeded paired bootstrap; its decision is stored on the candidate's card, which
-    is kept (never made current) when it is rejected.
+    compares per-query MRR@10 of candidate and incumbent on the same lists with a
+    seeded paired bootstrap: on valid (the lower bound must be > 0) and on every built
+    guard set (``data.guard_sets``; the bound must be > -tolerance), so a fine-tune
+    that buys valid MRR with generalization is not promoted. The decision, listing
+    every set, is stored on the candidate's card, which is kept (never made current)
+    when it is rejected.
     """
     from codistill import metrics
     from codistill.gate import decide
@@ -86,21 +103,31 @@ def train_and_promote(settings: Settings, progress: bool = True) -> dict[str, An
 
     reg = teacher_registry(settings)
     old_version = ensure_current(settings)
-    train, valid = read_split(settings, "train"), read_split(settings, "valid")
-    label = metric_label(settings, "valid")
-    labels = [ex.labels for ex in valid]
+    train = read_split(settings, "train")
+    sets = {"valid": (read_split(settings, "valid"), metric_label(settings, "valid")),
+            **guard_sets(settings)}
     teacher = open_teacher(settings, old_version, progress)
-    old_metrics = reg.load(old_version).metrics.get(label) or evaluate_version(
-        settings, old_version, valid, label, progress, teacher
-    )
-    old_per_query = metrics.per_query(score_examples(teacher, valid), labels, ("mrr@10",))
+
+    def judge(version: str) -> dict[str, tuple[dict[str, float], Any]]:
+        """Metrics (remembered on the card) and per-query MRR@10 of ``teacher`` per set."""
+        out = {}
+        for name, (examples, label) in sets.items():
+            scores = score_examples(teacher, examples)
+            labels = [ex.labels for ex in examples]
+            result = metrics.evaluate(scores, labels)
+            card = reg.load(version)
+            card.metrics[label] = result
+            reg.save(card)
+            out[name] = (result, metrics.per_query(scores, labels, ("mrr@10",))["mrr@10"])
+        return out
+
+    old = judge(old_version)
     cfg = settings.teacher.train
     result = finetune(teacher, make_triples(train, cfg.hard_negatives, cfg.seed), cfg, progress)
     card = save_finetuned(teacher, reg, cfg, manifest_data_hash(settings), result)
     teacher.card = card  # the cache is keyed by version: evaluate as the new teacher
-    new_metrics = evaluate_version(settings, card.teacher_version, valid, label, progress, teacher)
-    new_per_query = metrics.per_query(score_examples(teacher, valid), labels, ("mrr@10",))
-    decision = decide({"valid": (new_per_query["mrr@10"], old_per_query["mrr@10"])},
+    new = judge(card.teacher_version)
+    decision = decide({name: (new[name][1], old[name][1]) for name in sets},
                       settings.teacher.gate).to_json()
     card = reg.load(card.teacher_version)
     card.gate = decision
@@ -112,8 +139,11 @@ def train_and_promote(settings: Settings, progress: bool = True) -> dict[str, An
         "candidate": card.teacher_version,
         "promoted": decision["promote"],
         "current": reg.current_version(),
-        "valid_mrr@10_previous": old_metrics["mrr@10"],
-        "valid_mrr@10_candidate": new_metrics["mrr@10"],
+        "valid_mrr@10_previous": old["valid"][0]["mrr@10"],
+        "valid_mrr@10_candidate": new["valid"][0]["mrr@10"],
+        "guards": {name: {"mrr@10_previous": old[name][0]["mrr@10"],
+                          "mrr@10_candidate": new[name][0]["mrr@10"]}
+                   for name in sets if name != "valid"},
         "gate": decision,
         "train": result.summary(),
     }

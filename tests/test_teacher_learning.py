@@ -1,6 +1,6 @@
 """Learning happened: a short seeded fine-tune of the real MiniLM teacher on the demo
-train split raises held-out MRR@10, and the promotion gate keeps the old teacher when
-the new one is worse. Slow (real training on CPU), run in CI."""
+train split raises held-out MRR@10, and the promotion gate (valid plus both guard
+sets) keeps the old teacher when the new one is worse. Slow (real training on CPU), run in CI."""
 
 from pathlib import Path
 
@@ -13,11 +13,13 @@ from teacher import workflow as wf
 
 pytestmark = pytest.mark.slow
 
-# Stated margin. Measured with exactly these settings on the demo split (400 test
-# queries): test MRR@10 0.714 -> 0.741 (+0.027), valid 0.724 -> 0.733. Asserted with
-# slack for thread-count / BLAS nondeterminism.
+# Stated margin. These are the demo's fine-tuning settings (60 steps); on the demo
+# split they gave test MRR@10 0.7124 -> 0.7461 and valid 0.7259 -> 0.7403
+# (benchmarks/results/demo-summary.json), which the gate promotes (one-sided 95% lower
+# bound of the valid gain +0.003; 40 steps gave valid +0.009, not enough). Asserted
+# with slack for thread-count / BLAS nondeterminism.
 MIN_GAIN = 0.01
-TRAIN = {"max_steps": 40, "batch_size": 16, "lr": 5e-5, "train_layers": 2, "max_seq_length": 96,
+TRAIN = {"max_steps": 60, "batch_size": 16, "lr": 5e-5, "train_layers": 2, "max_seq_length": 96,
          "time_budget_s": 1e9, "seed": 0}
 
 
@@ -49,6 +51,13 @@ def test_finetune_raises_heldout_mrr(home: Path) -> None:
     assert gate["mode"] == "superiority" and gate["promote"]
     (valid,) = [r for r in gate["sets"] if r["name"] == "valid"]
     assert valid["lower"] > 0 and valid["n_queries"] == len(ds.read_split(s, "valid"))
+    # the guard sets are judged beside valid (superiority: each bound > -tolerance)
+    guards = {r["name"]: r for r in gate["sets"] if r["name"] != "valid"}
+    assert set(guards) == {"nl2code-prose", "code2code-versions"}
+    for name, r in guards.items():
+        assert r["threshold"] == -s.teacher.gate.tolerance and r["passed"]
+        assert r["n_queries"] == len(ds.read_guard(s, name)) >= 300
+    assert set(result["guards"]) == set(guards)
     assert wf.teacher_registry(s).load(result["candidate"]).gate == gate
 
 
@@ -60,5 +69,7 @@ def test_promotion_keeps_old_teacher_when_new_is_worse(home: Path) -> None:
     assert result["valid_mrr@10_candidate"] < result["valid_mrr@10_previous"]
     assert not result["promoted"] and not result["gate"]["promote"]
     assert "valid: lower bound" in result["gate"]["reason"]
+    assert {r["name"] for r in result["gate"]["sets"]} == {"valid", "nl2code-prose",
+                                                           "code2code-versions"}
     assert reg.current_version() == old
     assert result["candidate"] in reg.versions()  # kept for inspection, not current
