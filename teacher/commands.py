@@ -124,17 +124,13 @@ def teacher_precompute(
     """Write candidate embeddings and soft labels into the store (resumable)."""
     from codistill.ranking import RankingFileError, read_ranking_file
     from stores.base import StoreError
-    from tasks.dataset import SPLITS, read_split
-    from teacher.workflow import guard_sets, precompute_version, resolve_version
+    from teacher.workflow import precompute_sets, precompute_version, resolve_version
 
     s = cli.settings()
     try:
         version = resolve_version(s, teacher)
-        if data:
-            splits = {p.stem: read_ranking_file(p) for p in data}
-        else:
-            splits = {sp: read_split(s, sp) for sp in SPLITS}
-            splits.update({f"guard_{n}": ex for n, (ex, _) in guard_sets(s).items()})
+        splits = ({p.stem: read_ranking_file(p) for p in data} if data
+                  else precompute_sets(s))
         stats = precompute_version(s, version, splits, cli.progress(), make_current)
     except (RankingFileError, FileNotFoundError, StoreError) as exc:
         raise cli.fail(exc) from None

@@ -9,6 +9,7 @@ from codistill.config import Settings
 from codistill.ranking import RankingExample
 from stores import open_configured_store
 from tasks.dataset import (
+    SPLITS,
     built_guards,
     guard_label,
     manifest_data_hash,
@@ -77,6 +78,14 @@ def evaluate_version(
         card.metrics[label] = result
         reg.save(card)
     return result
+
+
+def precompute_sets(settings: Settings) -> dict[str, list[RankingExample]]:
+    """What ``teacher precompute`` writes by default: train, valid, test and every built
+    guard set (``guard_<name>``), so students can be judged on the guards too."""
+    sets = {sp: read_split(settings, sp) for sp in SPLITS}
+    sets.update({f"guard_{n}": ex for n, (ex, _) in guard_sets(settings).items()})
+    return sets
 
 
 def guard_sets(settings: Settings) -> dict[str, tuple[list[RankingExample], str]]:

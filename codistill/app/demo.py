@@ -86,7 +86,7 @@ def run_demo(settings: Settings, progress: bool = True, train: bool = True,
         current = wf.ensure_current(settings)
 
     with timer.step("precompute embeddings + soft labels"):
-        stats = wf.precompute_version(settings, current, splits, progress)
+        stats = wf.precompute_version(settings, current, wf.precompute_sets(settings), progress)
         summary["precompute"] = {"teacher_version": current, "seconds": stats.seconds,
                                  **stats.per_split, **stats.rates()}
         console.print(f"store: {stats.candidates_total} candidates, {stats.queries_total} queries "
