@@ -39,6 +39,7 @@ def teacher_evaluate(
     """MRR@10 / NDCG@10 / Recall@k of a teacher (and BM25 on the same lists); each unique
     text is encoded once (cached)."""
     from codistill.ranking import RankingFileError, read_ranking_file
+    from codistill.text import evaluate_bm25
     from tasks.dataset import metric_label, read_split
     from teacher.workflow import evaluate_version, guard_sets, resolve_version
 
@@ -55,34 +56,11 @@ def teacher_evaluate(
     except (RankingFileError, FileNotFoundError, KeyError) as exc:
         raise cli.fail(exc) from None
     cli.out.print(cli.metrics_table(f"teacher {version}", results))
-    bm25 = {name: bm25_metrics(ex) for name, (ex, _) in sets.items()}
+    bm25 = {name: evaluate_bm25(ex) for name, (ex, _) in sets.items()}
     cli.out.print(cli.metrics_table("BM25 (same lists)", bm25))
     if json_out:
         json_out.write_text(json.dumps({"teacher_version": version, "results": results,
                                         "bm25": bm25}, indent=2))
-
-
-def bm25_metrics(examples: list) -> dict[str, float]:
-    """BM25 on the same lists, by the rule of ``student.baselines.evaluate_bm25`` (one
-    index over the set's unique candidates, the hard negatives' tokenizer); repeated
-    here because the teacher floor may not import the student one."""
-    import bm25s
-    import numpy as np
-
-    from codistill import metrics
-    from codistill.text import quiet_bm25s, subword_tokens
-
-    texts = list(dict.fromkeys(c for ex in examples for c in ex.candidates))
-    position = {t: i for i, t in enumerate(texts)}
-    retriever = bm25s.BM25()
-    with quiet_bm25s():
-        retriever.index([subword_tokens(t) for t in texts], show_progress=False)
-    scores = []
-    for ex in examples:
-        rows = np.fromiter((position[c] for c in ex.candidates), dtype=np.int64)
-        tokens = subword_tokens(ex.query)
-        scores.append(retriever.get_scores(tokens)[rows] if tokens else np.zeros(len(rows)))
-    return metrics.evaluate(scores, [ex.labels for ex in examples])
 
 
 @teacher_app.command("train")
