@@ -128,6 +128,23 @@ def teacher_install(name: Annotated[str, typer.Argument(help="pretrained teacher
     cli.out.print(f"{name} installed and verified at {path}")
 
 
+@teacher_app.command("add")
+def teacher_add(
+    path: Annotated[Path, typer.Argument(help="a local sentence-transformers model folder")],
+    name: Annotated[str | None, typer.Option(help="name to use it by (default: the folder's)")] = None,
+) -> None:
+    """Register your own teacher: its files are hashed into HOME/teachers/local.lock.json."""
+    from teacher.registry import TeacherNotInstalled, add_local
+
+    s = cli.settings()
+    try:
+        name, entry = add_local(path, s.home, name)
+    except (TeacherNotInstalled, ValueError) as exc:
+        raise cli.fail(exc) from None
+    cli.out.print(f"registered teacher {name!r} ({len(entry['files'])} files hashed); use it with "
+                  f"--teacher {name} or CODISTILL_TEACHER__MODEL={name}")
+
+
 @teacher_app.command("verify")
 def teacher_verify(name: Annotated[str, typer.Argument()] = "minilm") -> None:
     """Check a pretrained teacher's files against teacher/teachers.lock.json."""

@@ -115,7 +115,7 @@ class TeacherRegistry:
             base=base,
             kind="zero-shot",
             model_path=PRETRAINED_PREFIX + base,
-            weights_sha256=registry.weights_digest(base),
+            weights_sha256=registry.weights_digest(base, self.home),
             logit_scale=logit_scale,
             max_seq_length=max_seq_length,
         )

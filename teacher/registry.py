@@ -22,6 +22,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from codistill.fsio import atomic_write_json
+
 LOCK_FILE = Path(__file__).with_name("teachers.lock.json")
 
 # Loading must never reach a hub; set before transformers is imported anywhere.
@@ -37,13 +39,67 @@ class TeacherNotInstalled(RuntimeError):
     """A pretrained teacher's package is missing; the message says how to install it."""
 
 
+LOCAL_LOCK = "local.lock.json"  # under HOME/teachers: teachers a user registered
+_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
+_NOT_READ = ("README", ".git", "__pycache__")
+
+
 @cache
-def load_lock() -> dict[str, Any]:
+def _shipped_lock() -> dict[str, Any]:
     return json.loads(LOCK_FILE.read_text())
 
 
-def known_teachers() -> list[str]:
-    return sorted(load_lock()["teachers"])
+def load_lock(home: Path | None = None) -> dict[str, Any]:
+    """The shipped lock, plus the teachers registered under ``home`` (``teacher add``)."""
+    lock = _shipped_lock()
+    local = _local_lock_path(home) if home is not None else None
+    if local is None or not local.exists():
+        return lock
+    extra = json.loads(local.read_text())["teachers"]
+    return {**lock, "teachers": {**lock["teachers"], **extra}}
+
+
+def _local_lock_path(home: Path) -> Path:
+    return Path(home) / "teachers" / LOCAL_LOCK
+
+
+def known_teachers(home: Path | None = None) -> list[str]:
+    return sorted(load_lock(home)["teachers"])
+
+
+def add_local(folder: Path, home: Path, name: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Register a local sentence-transformers folder as a pretrained teacher of ``home``.
+
+    Every file the loader may read is hashed into ``HOME/teachers/local.lock.json``,
+    and the folder is verified against those hashes before each use, exactly like
+    the shipped teachers. Weights must be safetensors (no pickled ``.bin``).
+
+    Returns
+    -------
+    tuple
+        The name to use (``--teacher NAME``, ``teacher.model: NAME``) and the entry.
+    """
+    folder = Path(folder).resolve()
+    if not (folder / "modules.json").exists():
+        raise TeacherNotInstalled(f"{folder} is not a sentence-transformers folder "
+                                  "(no modules.json); save the model with model.save(PATH)")
+    if not (folder / "model.safetensors").exists():
+        raise TeacherNotInstalled(f"{folder} has no model.safetensors: re-save it with "
+                                  "safe_serialization=True (pickled weights are not loaded)")
+    name = name or folder.name
+    if not name or set(name) - _NAME_OK or name[0] in "._":
+        raise ValueError(f"teacher name {name!r}: use letters, digits, '_' and '.' only "
+                         "(it becomes part of the teacher version), e.g. --name my_teacher")
+    if name in _shipped_lock()["teachers"]:
+        raise ValueError(f"{name!r} is a shipped teacher; pick another --name")
+    files = {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and not any(part.startswith(_NOT_READ) for part in p.parts)}
+    entry = {"kind": "local", "path": str(folder), "files": files}
+    path = _local_lock_path(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    current = json.loads(path.read_text())["teachers"] if path.exists() else {}
+    atomic_write_json(path, {"teachers": {**current, name: entry}})
+    return name, entry
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -54,8 +110,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _entry(name: str) -> dict[str, Any]:
-    teachers = load_lock()["teachers"]
+def _entry(name: str, home: Path | None = None) -> dict[str, Any]:
+    teachers = load_lock(home)["teachers"]
     if name not in teachers:
         raise KeyError(f"unknown pretrained teacher {name!r}; known: {', '.join(sorted(teachers))}")
     return teachers[name]
@@ -73,9 +129,11 @@ def _split_archive_dir(name: str, home: Path) -> Path:
 
 
 def locate(name: str, home: Path = Path("artifacts"), verify: bool = True) -> Path:
-    """Return the verified model folder of a pretrained teacher."""
-    entry = _entry(name)
-    if entry["kind"] == "package":
+    """Return the verified model folder of a pretrained teacher (shipped or ``teacher add``ed)."""
+    entry = _entry(name, home)
+    if entry["kind"] == "local":
+        folder = Path(entry["path"])
+    elif entry["kind"] == "package":
         pkg = _package_dir(entry["module"])
         if pkg is None:
             raise TeacherNotInstalled(
@@ -106,9 +164,9 @@ def verify_folder(folder: Path, files: dict[str, str], label: str) -> None:
             )
 
 
-def weights_digest(name: str) -> str:
+def weights_digest(name: str, home: Path | None = None) -> str:
     """The locked sha256 of the teacher's weights (part of its version id)."""
-    return _entry(name)["files"]["model.safetensors"]
+    return _entry(name, home)["files"]["model.safetensors"]
 
 
 def install_split_archive(

@@ -50,7 +50,7 @@ def resolve_version(settings: Settings, spec: str | None) -> str:
 
     if spec in (None, "current"):
         return ensure_current(settings)
-    if spec in known_teachers():
+    if spec in known_teachers(settings.home):
         return zero_shot_version(settings, spec)
     teacher_registry(settings).load(spec)  # raises with the known versions listed
     return spec
