@@ -7,7 +7,7 @@ import time
 from typing import Literal
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from codistill import console as cli
 from stores import open_configured_store
@@ -27,11 +27,13 @@ def store_info() -> None:
         raise cli.fail(exc) from None
     try:
         current = store.current()
-        table = Table("version", "status", "model", "scale", "dim", "counts", "pins",
-                      title=store.describe())
+        table = Table(Column("version", overflow="fold"),  # an id cut short is useless
+                      "status", "model", "scale", "dim", "counts", "pins", title=store.describe())
         for info in store.versions():
             v = info.teacher_version
-            table.add_row(("* " if v == current else "  ") + v, info.status, info.model,
+            status = info.status + ("" if info.meta.get("id_scheme", "1") != "1"
+                                    else " (old id scheme)")
+            table.add_row(("* " if v == current else "  ") + v, status, info.model,
                           f"{info.logit_scale:g}", str(info.dim), json.dumps(info.counts),
                           ", ".join(sorted(store.pins(v))))
         cli.out.print(table)

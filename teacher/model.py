@@ -2,10 +2,11 @@
 
 A teacher is described by a ``TeacherCard`` (``teacher.json``): where its
 weights are, their hash, the logit scale, the data it was tuned on and its
-offline metrics. The *teacher version* is derived from everything that changes
-its outputs (base model, weights hash, scale, sequence length) and, for a
-fine-tuned teacher, from its data hash and training config, so two machines that
-build the same teacher agree on the version and on the store keys.
+offline metrics. The *teacher version* is content-addressed: derived from the
+tensors and every setting that changes the outputs (sequence length, pooling,
+normalization, tokenizer, logit scale) and nothing else, so two machines or
+processes that hold the same teacher agree on the version and on the store keys;
+lineage and budgets stay on the card.
 
 Logits are ``logit_scale * cosine`` (20, the usual sentence-transformers scale):
 a softmax over raw cosines in [-1, 1] is almost flat and useless as a soft label.
@@ -31,15 +32,24 @@ from teacher.cache import EmbeddingCache
 PRETRAINED_PREFIX = "pretrained:"
 
 
+ID_SCHEME = 2  # 1: file bytes + lineage (before 2026-12); 2: content (tensors + outputs)
+
+
 class TeacherCard(BaseModel):
     teacher_version: str = ""
     base: str
     kind: Literal["zero-shot", "fine-tuned"]
     model_path: str = Field(description="'pretrained:NAME' or a folder relative to the teachers dir")
-    weights_sha256: str
+    weights_sha256: str = Field(description="sha256 of the weights file (integrity, not identity)")
     logit_scale: float
     max_seq_length: int
     dim: int = 384
+    tensors_sha256: str = Field("", description="digest of the tensors (names, dtypes, shapes, "
+                                "values): the same weights give it whatever the file bytes")
+    pooling: dict[str, Any] = Field(default_factory=dict, description="1_Pooling/config.json")
+    normalize: bool = Field(False, description="the model L2-normalises its embeddings")
+    tokenizer_sha256: str = ""
+    id_scheme: int = Field(1, description="how teacher_version was derived (see ID_SCHEME)")
     data_hash: str | None = None
     train: dict[str, Any] | None = None
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
@@ -47,18 +57,56 @@ class TeacherCard(BaseModel):
                                         "(codistill.gate) for a fine-tuned teacher")
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
+    def describe_folder(self, folder: Path) -> TeacherCard:
+        """Fill the content fields from the model folder (the id's inputs)."""
+        self.tensors_sha256 = tensors_digest(folder / "model.safetensors")
+        pooling = folder / "1_Pooling" / "config.json"
+        self.pooling = json.loads(pooling.read_text()) if pooling.exists() else {}
+        modules = json.loads((folder / "modules.json").read_text())
+        self.normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
+        tok = next((folder / n for n in ("tokenizer.json", "vocab.txt") if (folder / n).exists()),
+                   None)
+        self.tokenizer_sha256 = registry.sha256_file(tok) if tok is not None else ""
+        self.id_scheme = ID_SCHEME
+        return self
+
     def compute_version(self) -> str:
+        """``BASE-zs|ft-DIGEST``, the digest over what changes the outputs and nothing else.
+
+        Two processes that hold the same tensors with the same settings agree on the
+        version (and so on the store keys), whatever the file bytes, the training budget
+        or the lineage (those stay on the card). Cards of ``id_scheme`` 1 keep the id
+        they were saved with.
+        """
+        if not self.tensors_sha256:
+            raise ValueError("describe_folder() first: the version derives from the tensors")
         ident: dict[str, Any] = {
-            "base": self.base,
-            "weights": self.weights_sha256,
+            "tensors": self.tensors_sha256,
             "scale": self.logit_scale,
             "max_seq_length": self.max_seq_length,
+            "pooling": self.pooling,
+            "normalize": self.normalize,
+            "tokenizer": self.tokenizer_sha256,
         }
-        if self.kind == "fine-tuned":  # same weights from other data/config: another lineage
-            train = self.train or {}
-            ident.update(data=self.data_hash, parent=train.get("from"), config=train.get("config"))
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.base}-{'zs' if self.kind == 'zero-shot' else 'ft'}-{digest}"
+
+
+def tensors_digest(path: Path) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order.
+
+    Unlike the file's own hash it ignores the header's metadata and key order,
+    which differ between two saves of the same weights.
+    """
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="numpy") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name)
+            h.update(f"{name}|{t.dtype.str}|{t.shape}|".encode())
+            h.update(np.ascontiguousarray(t).tobytes())
+    return h.hexdigest()
 
 
 class TeacherRegistry:
@@ -109,6 +157,21 @@ class TeacherRegistry:
             )
         return folder
 
+    def _describe_pretrained(self, card: TeacherCard, base: str) -> None:
+        """Content fields of a pretrained folder, cached by its weights file's locked hash
+        (reading 90-440 MB of tensors once per home, not on every call)."""
+        cache = self.dir / "content.json"
+        known = json.loads(cache.read_text()) if cache.exists() else {}
+        key = f"{base}:{card.weights_sha256}"
+        if key in known:
+            card.tensors_sha256, card.pooling, card.normalize, card.tokenizer_sha256 = known[key]
+            card.id_scheme = ID_SCHEME
+            return
+        card.describe_folder(registry.locate(base, self.home))
+        known[key] = [card.tensors_sha256, card.pooling, card.normalize, card.tokenizer_sha256]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, json.dumps(known, indent=1))
+
     def zero_shot_card(self, base: str, logit_scale: float, max_seq_length: int) -> TeacherCard:
         """Register (idempotently) the pretrained model as a zero-shot teacher."""
         card = TeacherCard(
@@ -119,6 +182,7 @@ class TeacherRegistry:
             logit_scale=logit_scale,
             max_seq_length=max_seq_length,
         )
+        self._describe_pretrained(card, base)
         card.teacher_version = card.compute_version()
         if self.card_path(card.teacher_version).exists():
             return self.load(card.teacher_version)

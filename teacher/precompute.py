@@ -73,7 +73,8 @@ def version_info(teacher: Teacher, embedding_dtype: str) -> VersionInfo:
         logit_scale=teacher.logit_scale,
         dim=teacher.dim,
         embedding_dtype=embedding_dtype,  # type: ignore[arg-type]
-        meta={"kind": teacher.card.kind, "weights_sha256": teacher.card.weights_sha256},
+        meta={"kind": teacher.card.kind, "weights_sha256": teacher.card.weights_sha256,
+              "id_scheme": str(teacher.card.id_scheme)},
     )
 
 

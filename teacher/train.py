@@ -155,13 +155,15 @@ def save_finetuned(
         data_hash=data_hash,
         train={"from": teacher.version, "config": cfg.model_dump(), "result": result.summary()},
     )
+    card.describe_folder(staging)
     card.teacher_version = card.compute_version()
     card.model_path = f"{card.teacher_version}/model"
     target = reg.dir / card.model_path
-    if target.exists():
+    if target.exists():  # the same content again: keep the files, refresh the card
         import shutil
 
-        shutil.rmtree(target)
+        shutil.rmtree(staging)
+        return reg.save(card)
     target.parent.mkdir(parents=True, exist_ok=True)
     publish_dir(staging, target)
     return reg.save(card)
