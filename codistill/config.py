@@ -190,8 +190,14 @@ class OnlineTrainerConfig(BaseModel):
     until_end: bool = Field(False, description="stop at the end offsets seen at start, applying "
                             "the partial last batches and flushing the joiner")
     flush_at_end: bool = True
-    strict_order: bool = Field(True, description="wait for the partition whose turn it is "
-                               "(deterministic); False skips it (live, order follows arrival)")
+    max_batch_wait_s: float | None = Field(
+        None, gt=0, description="live mode: a partition whose oldest waiting record is older "
+        "than this is applied as a partial batch, and a partition without waiting records "
+        "for this long is idle (its join watermark follows the other partitions'); None: "
+        "full batches only. Every such decision is recorded in the plan before it is applied")
+    replay_plan: Path | None = Field(None, description="apply the entries of this plan (a "
+                                     "trainer's checkpoints-plan folder, or a .jsonl file) and "
+                                     "stop: a fresh trainer replays that run exactly")
     poll_interval_s: float = Field(0.2, gt=0)
     metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port; 0 = off")
     drift_delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence")
@@ -203,6 +209,12 @@ class OnlineTrainerConfig(BaseModel):
                                "lease runs out after this")
     accept_changes: bool = Field(False, description="resume with other hyperparameters than the "
                                  "checkpoint's (never batch_size), starting a new segment")
+    start_from: Literal["earliest", "latest"] = Field(
+        "earliest", description="where a new trainer (no checkpoint) begins on each partition: "
+        "the log start or its end offset; recorded as the partition's start in the ledger")
+    accept_gap: bool = Field(False, description="resume although the log start moved past the "
+                             "checkpoint's offsets (retention): the lost records are recorded "
+                             "as a gap in the ledger and skipped")
     checkpoint_dir: Path | None = Field(None, description="default HOME/online/NAME/checkpoints")
     output_dir: Path | None = Field(None, description="final student; HOME/online/NAME/student")
     init_student: Path | None = Field(None, description="warm start from a student directory")

@@ -41,6 +41,23 @@ class LogCorruption(StreamError):
         self.path, self.position, self.offset = path, position, offset
 
 
+class OffsetOutOfRange(StreamError):
+    """A read asked for an offset below the partition's log start (a removed prefix).
+
+    Raised rather than served from the start (Kafka's ``auto_offset_reset``): a
+    reader by offset that silently got later records would renumber every batch
+    after it. ``start`` is the first offset still held.
+    """
+
+    def __init__(self, topic: str, partition: int, offset: int, start: int, where: str = ""
+                 ) -> None:
+        super().__init__(
+            f"{topic}[{partition}]{where}: offset {offset} is out of range, below the log start "
+            f"{start}: "
+            f"records [{offset}, {start}) were removed (retention or delete_records)")
+        self.topic, self.partition, self.offset, self.start = topic, partition, offset, start
+
+
 class UnknownTopic(StreamError):
     """The topic does not exist (create it with ``create_topic`` / ``ensure_topics``)."""
 
@@ -81,6 +98,14 @@ class EventReader(Protocol):
 
     def end_offset(self, topic: str, partition: int) -> int:
         """Offset the next appended record will get (= records so far for the embedded log)."""
+        ...
+
+    def start_offset(self, topic: str, partition: int) -> int:
+        """The log start: the first offset still held (0 until a prefix was removed).
+
+        Offsets never shift when a prefix goes; a read below the start raises
+        :class:`OffsetOutOfRange`.
+        """
         ...
 
     def committed(self, group: str, topic: str, partition: int) -> int | None:

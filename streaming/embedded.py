@@ -24,6 +24,13 @@ Offsets are record indices, as in Kafka. Why this shape:
   the previous read), so a read costs O(records returned + 64), not a scan
   of the file. The index is written after the data it points to; a writer that
   died in between leaves entries missing, which the next writer adds back.
+* **Prefix removal** (:meth:`EmbeddedStream.delete_records`, Kafka's
+  ``DeleteRecords``): a per-partition *log start* (``<p>.start``, replaced
+  atomically) says which offset is the first one still served. Offsets never
+  shift; a read below the start raises :class:`streaming.base.OffsetOutOfRange`
+  (a reader by offset must never be served other records than it asked for). The
+  bytes below the start stay in the file (the removal is logical: frames keep
+  their record indices, and the CRC-verified scan needs every frame).
 * **Group offsets** are replaced atomically (tmp + fsync + rename + fsync dir):
   a crash leaves the old or the new commit, never a mix.
 """
@@ -41,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codistill.fsio import atomic_write_json, fsync_path, write_synced
-from streaming.base import LogCorruption, Record, UnknownTopic
+from streaming.base import LogCorruption, OffsetOutOfRange, Record, UnknownTopic
 from streaming.groups import EmbeddedGroupConsumer, group_path
 from streaming.logfile import (
     FRAME,
@@ -308,6 +315,9 @@ class EmbeddedStream:
             raise ValueError("start_offset and max_records must be >= 0")
         with self._lock:
             part = self._part(topic, partition)
+            start = part.read_start()
+            if start_offset < start:
+                raise OffsetOutOfRange(topic, partition, start_offset, start, f" in {self.path}")
             fd = part.read_fd()
             if fd is None or max_records == 0:
                 return []
@@ -341,6 +351,36 @@ class EmbeddedStream:
                 offset, pos = offset + 1, fpos + FRAME.size + len(payload)
             part.note(offset, pos)
             return offset
+
+    def start_offset(self, topic: str, partition: int) -> int:
+        """The log start: the first offset still served (0 until :meth:`delete_records`)."""
+        with self._lock:
+            return self._part(topic, partition).read_start()
+
+    def delete_records(self, topic: str, partition: int, before_offset: int) -> int:
+        """Remove the records below ``before_offset`` (Kafka's ``DeleteRecords``).
+
+        Offsets stay stable: the log start moves, nothing is renumbered. The start
+        never moves back (an older ``before_offset`` is a no-op) and may not pass
+        the end offset. Returns the log start now in force.
+        """
+        with self._lock:
+            part = self._part(topic, partition)
+            end = self.end_offset(topic, partition)
+            if before_offset > end:
+                raise ValueError(f"{topic}[{partition}]: cannot delete records before "
+                                 f"{before_offset}, past the end offset {end}")
+            if before_offset <= part.read_start():
+                return part.read_start()
+            self._open_for_write(part)
+            assert part.wfd is not None
+            fcntl.flock(part.wfd, fcntl.LOCK_EX)  # concurrent deleters: the start only grows
+            try:
+                start = max(part.read_start(), before_offset)
+                atomic_write_json(part.start_file, {"start": int(start)})
+            finally:
+                fcntl.flock(part.wfd, fcntl.LOCK_UN)
+            return start
 
     # -- repair --------------------------------------------------------------------------
     def repair(self, topic: str) -> list[RepairReport]:

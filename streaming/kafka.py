@@ -37,7 +37,7 @@ from kafka.errors import (
 from kafka.structs import OffsetAndMetadata
 
 from codistill.config import StreamSettings
-from streaming.base import Record, StreamError, StreamUnavailable, UnknownTopic
+from streaming.base import OffsetOutOfRange, Record, StreamError, StreamUnavailable, UnknownTopic
 
 _UNREACHABLE = (KafkaTimeoutError, KafkaConnectionError)
 
@@ -179,6 +179,24 @@ class KafkaStream:
         self._ends[tp] = end
         return end
 
+    def start_offset(self, topic: str, partition: int) -> int:
+        """The log start (``beginning_offsets``): retention or ``delete_records`` moves it."""
+        tp = TopicPartition(topic, partition)
+        with self._errors(f"start offset of {topic}[{partition}]"):
+            return int(self._consumer(None).beginning_offsets([tp],
+                                                              timeout_ms=self._timeout_ms)[tp])
+
+    def delete_records(self, topic: str, partition: int, before_offset: int) -> int:
+        """Remove the records below ``before_offset`` (``DeleteRecords``); the new log start."""
+        admin = self._admin()
+        try:
+            with self._errors(f"delete records of {topic}[{partition}]"):
+                admin.delete_records({TopicPartition(topic, partition): int(before_offset)},
+                                     timeout_ms=self._timeout_ms)
+        finally:
+            admin.close()
+        return self.start_offset(topic, partition)
+
     def read(self, topic: str, partition: int, start_offset: int, max_records: int) -> list[Record]:
         if start_offset < 0 or max_records < 0:
             raise ValueError("start_offset and max_records must be >= 0")
@@ -207,6 +225,10 @@ class KafkaStream:
                     if consumer.position(tp, timeout_ms=self._timeout_ms) >= target:
                         break
             except (OffsetOutOfRangeError, NoOffsetForPartitionError) as exc:
+                start = self.start_offset(topic, partition)
+                if start_offset < start:
+                    raise OffsetOutOfRange(topic, partition, start_offset, start,
+                                           f" on Kafka at {self.bootstrap}") from exc
                 raise StreamError(
                     f"offset {start_offset} of {topic}[{partition}] is out of range on Kafka at "
                     f"{self.bootstrap} (deleted by retention?)"

@@ -5,6 +5,7 @@ Files of partition ``p`` of a topic::
     <p>.log      frames: u32 length | u32 crc32(payload) | payload
     <p>.idx      sparse index: (i64 offset, i64 byte position) every ``INDEX_INTERVAL`` records
     <p>.durable  the durable end: i64 offset | i64 byte position | u32 crc32 of the 16 bytes
+    <p>.start    the log start (a removed prefix): ``{"start": offset}``; absent = 0
 
 payload = i64 timestamp_ms | i32 key length (-1 = no key) | key | value.
 
@@ -17,6 +18,7 @@ unsynced or torn tail, which the next writer checks and, if torn, truncates.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zlib
@@ -174,6 +176,20 @@ class Partition:
         if end is None:
             raise LogCorruption(self.durable, 0, -1, "unreadable durable-end record")
         return end
+
+    @property
+    def start_file(self) -> Path:
+        return self.durable.with_suffix(".start")
+
+    def read_start(self) -> int:
+        """The log start (first offset still served); 0 until a prefix was removed.
+
+        Read from disk each time: another process may have removed a prefix since.
+        """
+        try:
+            return int(json.loads(self.start_file.read_text(encoding="utf-8"))["start"])
+        except FileNotFoundError:
+            return 0
 
     def write_durable(self, offset: int, pos: int) -> None:
         """Publish a new durable end (the caller holds the write lock and synced the log)."""

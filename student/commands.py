@@ -148,6 +148,18 @@ def student_online(
     accept_changes: Annotated[bool, typer.Option(
         "--accept-changes", help="resume with other hyperparameters than the checkpoint's "
         "(lr, alpha, ...; never batch_size) as a new segment")] = False,
+    start_from: Annotated[str | None, typer.Option(
+        help="where a new trainer begins: earliest (the log start, default) or latest "
+        "(the end: new traffic only)")] = None,
+    accept_gap: Annotated[bool, typer.Option(
+        "--accept-gap", help="resume although retention removed records past the "
+        "checkpoint's offsets; the ledger records the gap")] = False,
+    max_batch_wait_s: Annotated[float | None, typer.Option(
+        help="live mode: apply a partition's waiting records as a partial batch after "
+        "this many seconds; idle partitions' watermarks follow the others' (default off)")] = None,
+    replay_plan: Annotated[Path | None, typer.Option(
+        help="apply the entries of a trainer's plan (its checkpoints-plan folder) and "
+        "stop: a fresh trainer replays that run")] = None,
 ) -> None:
     """Train the student continuously from the events topic (single writer, exactly once)."""
     from stores.base import StoreError
@@ -158,7 +170,9 @@ def student_online(
     cfg = _with_flags(s.online, name=name, batch_size=batch_size,
                       checkpoint_every=checkpoint_every, alpha=alpha, lr=lr, until_end=until_end,
                       max_batches=max_batches, init_student=init_student,
-                      metrics_port=metrics_port, accept_changes=accept_changes or None)
+                      metrics_port=metrics_port, accept_changes=accept_changes or None,
+                      start_from=start_from, accept_gap=accept_gap or None,
+                      max_batch_wait_s=max_batch_wait_s, replay_plan=replay_plan)
     try:
         summary = run_online(s, cfg)
     except (StoreError, TrainerError, CheckpointError, LookupError, FileNotFoundError,

@@ -5,12 +5,20 @@ version it distils from (renewed while it runs, released when it exits; a killed
 trainer's lease runs out: :mod:`~student.online.keeper`), then repeats, forever or
 until the input ends:
 
-1. **Deterministic batch** (:mod:`~student.online.schedule`). Batch ``k`` of
-   partition ``p`` is offsets ``[kB, (k+1)B)``; partitions take turns in sorted
-   order and a batch is taken only when it is complete (``strict_order``: the turn
-   waits for it), so the same log always yields the same sequence of updates.
-   ``until_end`` (tests, demo: the producer is known to be finished) also applies
-   each partition's final partial batch and then flushes the joiner.
+1. **Planned batch** (:mod:`~student.online.plan`, :mod:`~student.online.loop`).
+   Batches are offset ranges of one partition. ``until_end`` (tests, demo: the
+   producer is known to be finished) follows the offset-only schedule of
+   :mod:`~student.online.schedule` (full batches ``[start + kB, start + (k+1)B)``
+   in turn, then each partition's final partial batch, then a joiner flush). Live
+   mode applies a full batch of whichever partition has one (round robin), a
+   partial batch once a partition's oldest waiting record is older than
+   ``max_batch_wait_s``, and raises an idle partition's join watermark to the
+   busy partitions' minimum. Every unit - with its kind, its idle advances and
+   the store sequence its reads are pinned to - is written into the durable
+   **plan** before it is applied; recovery replays the recorded entries, never a
+   fresh decision, and ``replay_plan`` lets a fresh trainer replay a whole run.
+   Each partition's history starts where the trainer began it (``start_from``)
+   or where an accepted retention gap ends (:mod:`~student.online.retention`).
 2. **Validate and join** (:mod:`~student.online.reader`). Bad records go to the
    dead-letter topic with their reason (never a crash); valid events feed the
    per-partition event-time Joiner.
@@ -41,11 +49,13 @@ checkpoint's is refused unless accepted as a new segment, and never for another
 ``batch_size`` (:mod:`~student.online.resume`). Dead letters are at-least-once (keyed by source
 position, so readers can drop repeats); Prometheus counters restart at zero.
 
-Test hook: ``CODISTILL_TRAINER_CRASH_AT="after_step:5,after_checkpoint:9"`` makes
+Test hook: ``CODISTILL_TRAINER_CRASH_AT="after_plan:3,after_step:5,after_checkpoint:9"`` makes
 the process SIGKILL itself at those points when its batch count reaches those
-numbers (``before_latest`` = checkpoint renamed, LATEST not yet switched).
+numbers (``after_plan`` = plan entry written, not applied; ``before_latest`` =
+checkpoint renamed, LATEST not yet switched).
 
-Layout: :mod:`~student.online.trainer` (:class:`OnlineTrainer`, the I/O) drives
+Layout: :mod:`~student.online.trainer` (:class:`OnlineTrainer`, the I/O) runs
+:mod:`~student.online.loop` (recorded, replayed or fresh plan entries) and drives
 :class:`~student.online.learner.OnlineLearner` (student + optimizer + loss, usable
 in-process without any stream or store); ``python -m student.online`` runs one
 trainer (:mod:`student.online.__main__`).

@@ -79,6 +79,8 @@ class Ledger:
 
     def __init__(self, keep_recent: int = 10_000) -> None:
         self.intervals: dict[tuple[str, int], list[list[int]]] = {}
+        self.starts: dict[tuple[str, int], int] = {}  # first offset per partition (default 0)
+        self.gaps: dict[tuple[str, int], list[list[int]]] = {}  # accepted, never applied
         self.recent: list[Key] = []
         self.count = 0
         self.keep_recent = keep_recent
@@ -105,26 +107,27 @@ class Ledger:
         """Mark ``key`` applied (after :meth:`check`), merging it into its partition's spans."""
         self.check(key)
         topic, partition, start, end = key
-        spans = self.intervals.setdefault((topic, partition), [])
-        spans.append([start, end])
-        spans.sort()
-        merged: list[list[int]] = []
-        for lo, hi in spans:
-            if merged and lo <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], hi)
-            else:
-                merged.append([lo, hi])
-        self.intervals[(topic, partition)] = merged
+        spans = self.intervals.get((topic, partition), [])
+        self.intervals[(topic, partition)] = _merge([*spans, [start, end]])
         self.recent.append(key)
         del self.recent[: max(len(self.recent) - self.keep_recent, 0)]
         self.count += 1
 
+    def begin(self, topic: str, partition: int, start: int) -> None:
+        """Record where a partition's history starts (the log start or end it began at)."""
+        self.starts[(topic, partition)] = int(start)
+
+    def record_gap(self, topic: str, partition: int, start: int, end: int) -> None:
+        """Record ``[start, end)`` as skipped, never applied (an accepted retention gap)."""
+        self.gaps.setdefault((topic, partition), []).append([int(start), int(end)])
+
     def check_resume(self, topic: str, offsets: dict[int, int]) -> None:
         """Raise :class:`LedgerViolation` unless ``offsets`` are exactly what was applied.
 
-        Batches are contiguous from offset 0, so partition ``p`` resumes at ``next`` only
-        if the ledger covers ``[0, next)`` and nothing beyond; anything else means the
-        offsets and the weights come from different histories.
+        Batches are contiguous from the partition's recorded start (:meth:`begin`;
+        0 by default), so partition ``p`` resumes at ``next`` only if its applied
+        ranges and accepted gaps together cover ``[start, next)`` and nothing beyond;
+        anything else means the offsets and the weights come from different histories.
 
         Parameters
         ----------
@@ -135,10 +138,13 @@ class Ledger:
         """
         for p, nxt in offsets.items():
             spans = self.intervals.get((topic, p), [])
-            if spans != ([[0, nxt]] if nxt else []):
+            start = self.starts.get((topic, p), 0)
+            covered = _merge(spans + self.gaps.get((topic, p), []))
+            if covered != ([[start, nxt]] if nxt > start else []) or nxt < start:
                 raise LedgerViolation(
                     f"checkpoint resumes {topic}[{p}] at offset {nxt} but its ledger "
-                    f"applied {spans}: offsets and weights disagree, refusing to train"
+                    f"applied {spans} from offset {start}: offsets and weights disagree, "
+                    "refusing to train"
                 )
 
     def to_json(self) -> dict[str, Any]:
@@ -146,6 +152,8 @@ class Ledger:
             "count": self.count,
             "keep_recent": self.keep_recent,
             "intervals": [[t, p, spans] for (t, p), spans in sorted(self.intervals.items())],
+            "starts": [[t, p, o] for (t, p), o in sorted(self.starts.items())],
+            "gaps": [[t, p, spans] for (t, p), spans in sorted(self.gaps.items())],
             "recent": [list(k) for k in self.recent],
         }
 
@@ -155,8 +163,26 @@ class Ledger:
         ledger.count = int(data["count"])
         ledger.intervals = {(t, int(p)): [[int(a), int(b)] for a, b in spans]
                             for t, p, spans in data["intervals"]}
+        ledger.starts = {(t, int(p)): int(o) for t, p, o in data.get("starts", [])}
+        ledger.gaps = {(t, int(p)): [[int(a), int(b)] for a, b in spans]
+                       for t, p, spans in data.get("gaps", [])}
         ledger.recent = [(str(t), int(p), int(a), int(b)) for t, p, a, b in data["recent"]]
         return ledger
+
+
+def _merge(spans: list[list[int]]) -> list[list[int]]:
+    """Sorted, touching or overlapping ``[lo, hi)`` spans merged.
+
+    >>> _merge([[4, 8], [0, 4], [10, 12]])
+    [[0, 8], [10, 12]]
+    """
+    merged: list[list[int]] = []
+    for lo, hi in sorted(spans):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return merged
 
 
 @dataclass

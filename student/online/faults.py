@@ -36,7 +36,7 @@ log = logging.getLogger("codistill.trainer")
 T = TypeVar("T")
 
 CRASH_ENV = "CODISTILL_TRAINER_CRASH_AT"
-CRASH_POINTS = ("after_step", "before_latest", "after_checkpoint")
+CRASH_POINTS = ("after_plan", "after_step", "before_latest", "after_checkpoint")
 
 
 class Interrupted(Exception):
@@ -158,7 +158,8 @@ def stop_on_signals(request_stop: Callable[[], None]) -> Callable[[], None]:
 class CrashHook:
     """The test hook: SIGKILL this process at ``(point, batch)`` pairs read from ``CRASH_ENV``.
 
-    Points: ``after_step`` (a batch applied, not checkpointed), ``before_latest`` (a
+    Points: ``after_plan`` (plan entry ``BATCH`` written, its unit not applied),
+    ``after_step`` (a batch applied, not checkpointed), ``before_latest`` (a
     checkpoint renamed into place, ``LATEST`` not yet switched), ``after_checkpoint``
     (``LATEST`` switched, offsets not yet committed).
 

@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
-from stores.base import Store, StoreError, VersionError
+from stores.base import Store, StoreError, VersionError, VersionInfo
 from student.online.bootstrap import TrainerError
 from student.online.faults import Retry
 
@@ -137,6 +137,17 @@ class VersionKeeper:
             When the version is gone, incomplete, or holds fewer embeddings or
             labels than :attr:`recorded`.
         """
+        return self._checked(when)[1]
+
+    def sequence(self, when: str) -> int:
+        """The version's store sequence now, after the checks of :meth:`check`.
+
+        A batch's store reads are pinned to it (``max_seq``), so whether a candidate
+        is known and which labels a batch gets do not depend on when it is applied.
+        """
+        return int(self._checked(when)[0].sequence)
+
+    def _checked(self, when: str) -> tuple[VersionInfo, dict[str, int]]:
         version = self.version
         assert version is not None
         self._checking = True
@@ -154,7 +165,7 @@ class VersionKeeper:
         if short:
             raise self._lost("it holds fewer records than this trainer's last checkpoint "
                              f"saw ({', '.join(short)})", when)
-        return counts
+        return info, counts
 
     def on_recovered(self, kind: str) -> None:
         """The retry function's hook: a store outage just ended, so check the version first."""

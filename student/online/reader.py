@@ -93,6 +93,7 @@ def validate_records(
     dlq: DeadLetterQueue,
     retry: Retry,
     count: Callable[..., Any],
+    max_seq: int | None = None,
 ) -> list[tuple[Record, Event]]:
     """The valid events of ``records``; the rest are dead-lettered, after all store reads.
 
@@ -110,6 +111,9 @@ def validate_records(
         The trainer's retry function, for the store call.
     count
         ``count(name, n=1)``: the trainer's counters (``dlq``, ``valid_events``).
+    max_seq
+        The batch's store sequence (its plan entry's): a candidate appended to the
+        version after it is unknown to this batch, however late the batch runs.
 
     Returns
     -------
@@ -123,7 +127,8 @@ def validate_records(
     ))
     known: set[str] = set()
     if ids:
-        mask = retry("store", "has_embeddings", lambda: store.has_embeddings(version, ids))
+        mask = retry("store", "has_embeddings",
+                     lambda: store.has_embeddings(version, ids, max_seq=max_seq))
         known = {c for c, ok in zip(ids, np.asarray(mask, dtype=bool), strict=True) if ok}
 
     def known_candidates(cids: list[str]) -> list[bool]:

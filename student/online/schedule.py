@@ -56,9 +56,9 @@ class Batch:
 class Wait:
     """The partition whose turn it is has no complete batch below its known end offset.
 
-    ``turn`` is that partition's turn; ``next_turn`` the turn after it, for a caller
-    that skips a partition that is behind instead of waiting for it (``strict_order``
-    off). A caller may refresh the end offset and ask again before it waits.
+    ``turn`` is that partition's turn; ``next_turn`` the turn after it (the live
+    rule, :func:`student.online.plan.decide`, returns ``next_turn == turn``). A
+    caller may refresh the end offset and ask again before it waits.
     """
 
     partition: int

@@ -42,9 +42,11 @@ from student.online.checkpoint import FLUSH_PARTITION, CheckpointManager, Key, T
 from student.online.faults import BackoffRetry, CrashHook, Interrupted, stop_on_signals
 from student.online.keeper import VersionKeeper
 from student.online.learner import JoinedBatch, LearnStats, OnlineLearner
+from student.online.loop import run_loop
+from student.online.plan import PLAN_SUFFIX, PlanEntry, PlanLog, advance_watermark
 from student.online.reader import read_range, validate_records
 from student.online.resume import check_config, check_resume_point, first_segment, restore
-from student.online.schedule import Wait, next_batch
+from student.online.retention import begin_partitions
 from student.online.telemetry import DriftMonitor, TrainerMetrics
 
 log = logging.getLogger("codistill.trainer")
@@ -82,6 +84,8 @@ class OnlineTrainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir or base / "checkpoints",
                                              cfg.keep_checkpoints)
         self.output_dir = cfg.output_dir or base / "student"
+        root = self.checkpoints.root  # the plan lies beside the checkpoints, not inside
+        self.plan = PlanLog(root.parent / f"{root.name}{PLAN_SUFFIX}")
         self.metrics = TrainerMetrics()
         self.dlq = DeadLetterQueue(self.stream, self.dlq_topic, self.metrics.registry)
         self.counters: dict[str, float] = {}
@@ -215,8 +219,9 @@ class OnlineTrainer:
             student.tokenizer = CachingTokenizer(student.tokenizer, cfg.token_cache)
         self.partitions = sorted(self._retry("stream", "partitions",
                                              lambda: self.stream.partitions(self.topic)))
-        for p in self.partitions:
-            self.state.offsets.setdefault(p, 0)
+        if begin_partitions(self.state, self.stream, self.topic, self.partitions, cfg,
+                            self._retry, fresh=ckpt is None, count=self._count):
+            self.plan.discard(self.state.batches)  # recorded past a gap: records are gone
         if ckpt is not None:
             check_resume_point(self.state, self.stream, self.group, self.topic, self.partitions,
                                self._retry)
@@ -239,40 +244,8 @@ class OnlineTrainer:
         return self._stop or (limit is not None and self._run_batches >= limit)
 
     def _loop(self) -> None:
-        """Apply what :func:`~student.online.schedule.next_batch` says, waiting for data."""
-        cfg, n = self.cfg, len(self.partitions)
-        size, state = cfg.batch_size, self.state
-        targets: dict[int, int] | None = None
-        if cfg.until_end:
-            targets = {p: self._end(p) for p in self.partitions}
-        idle, waiting = 0, False
-        while not self._done():
-            self.keeper.renew_if_due()  # at batch boundaries and while waiting for data
-            step = next_batch(self.partitions, state.offsets, self._ends, state.turn, size,
-                              targets, flush=cfg.flush_at_end and not state.flushed)
-            if step is None:
-                return
-            state.turn = step.turn  # past the partitions whose records are all applied
-            if isinstance(step, Wait):
-                p, start = step.partition, step.start
-                if self._end(p) >= start + size:
-                    continue  # the cached end offset was stale: the batch is there
-                if not waiting:
-                    log.info("waiting for a full batch on %s[%d] at offset %d", self.topic, p,
-                             start)
-                    waiting = True
-                if cfg.strict_order:
-                    time.sleep(cfg.poll_interval_s)
-                else:
-                    state.turn, idle = step.next_turn, idle + 1
-                    if idle >= n:
-                        time.sleep(cfg.poll_interval_s)
-                        idle = 0
-                continue
-            idle, waiting = 0, False
-            p = step.partition
-            records = None if step.is_flush else self._read(p, step.start, step.end)
-            self._apply((self.topic, p, step.start, step.end), records, step.next_turn)
+        """Apply the plan's units, waiting for data (:mod:`student.online.loop`)."""
+        run_loop(self)
 
     def _end(self, p: int) -> int:
         end = self._retry("stream", "end offset", lambda: self.stream.end_offset(self.topic, p))
@@ -295,25 +268,29 @@ class OnlineTrainer:
                               lambda: self._stop)
 
     # -- one batch -------------------------------------------------------------------------
-    def _apply(self, key: Key, records: list[Record] | None, next_turn: int) -> None:
-        """Apply one unit (an offset batch, or the final flush) and maybe checkpoint."""
+    def _apply(self, entry: PlanEntry, records: list[Record] | None) -> None:
+        """Apply one plan entry (an offset batch, or the final flush) and maybe checkpoint."""
+        key: Key = (self.topic, entry.partition, entry.start, entry.end)
         self.state.ledger.check(key)
+        seq = entry.store_seq
         if records is None:
             ready = self.joiner.flush()
         else:
             with self._timed("validate"):
                 valid = validate_records(records, self.store, self.version, self.dlq,
-                                         self._retry, self._count)
+                                         self._retry, self._count, max_seq=seq)
             with self._timed("join"):
                 for rec, event in valid:
                     self.joiner.add(event, rec.partition)
+                for q, watermark in sorted(entry.advance.items()):  # idle partitions
+                    advance_watermark(self.joiner, q, watermark)
                 ready = self.joiner.pop_ready()
-        self._train(ready)
+        self._train(ready, seq)
         # the unit is applied: advance the in-memory state as one step
         _, p, _, end = key
         self.state.ledger.record(key)
         self.state.batches += 1
-        self.state.turn = next_turn
+        self.state.turn = entry.next_turn
         if p == FLUSH_PARTITION:
             self.state.flushed = True
         else:
@@ -329,7 +306,7 @@ class OnlineTrainer:
         if self.state.batches % self.cfg.checkpoint_every == 0:
             self._checkpoint()
 
-    def _train(self, ready: list[JoinedImpression]) -> None:
+    def _train(self, ready: list[JoinedImpression], seq: int | None = None) -> None:
         """Fetch what ``ready`` needs (one batched call each), step, record the stats."""
         self._count("impressions_joined", len(ready))
         self.metrics.impressions.inc(len(ready))
@@ -340,7 +317,8 @@ class OnlineTrainer:
             batch = JoinedBatch.fetch(
                 ready,
                 lambda qids: self._retry("store", "get_labels",
-                                         lambda: self.store.get_labels(self.version, qids)),
+                                         lambda: self.store.get_labels(self.version, qids,
+                                                                         max_seq=seq)),
                 lambda cids: self._retry("store", "get_texts",
                                          lambda: self.store.get_texts(cids)))
         with self._timed("step"):

@@ -334,12 +334,12 @@ def run_in_process(settings: Settings, **kw: Any) -> tuple[dict[str, Any], Any]:
 
 def waiting_offsets(partitions: Sequence[int], ends: Mapping[int, int],
                     batch_size: int) -> dict[str, int]:
-    """Where a live (``strict_order``) trainer stops to wait for data on a log with ``ends``."""
-    from student.online.schedule import Wait, next_batch
+    """Where a live trainer (full batches only) stops to wait for data on a log with ``ends``."""
+    from student.online.plan import decide
+    from student.online.schedule import Wait
 
     offsets, turn = dict.fromkeys(partitions, 0), 0
-    while not isinstance(step := next_batch(partitions, offsets, ends, turn, batch_size), Wait):
-        assert step is not None
+    while not isinstance(step := decide(partitions, offsets, ends, turn, batch_size), Wait):
         offsets[step.partition], turn = step.end, step.next_turn
     return {str(p): o for p, o in offsets.items()}
 
