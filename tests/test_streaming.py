@@ -526,3 +526,16 @@ def test_validate_names_unknown_candidates() -> None:
     assert isinstance(validate(b"\x00garbage"), Rejection)
     with pytest.raises(RuntimeError):  # a store outage is not the message's fault
         validate(imp.to_bytes(), lambda ids: (_ for _ in ()).throw(RuntimeError("store down")))
+
+
+def test_a_new_group_consumer_starts_at_the_log_start_after_a_prefix_removal(
+    stream: EmbeddedStream,
+) -> None:
+    for i in range(20):
+        stream.send("ev", "k", str(i).encode())
+    stream.flush()
+    p = partition_for("k", 4)
+    stream.delete_records("ev", p, 8)
+    with stream.group_consumer("fresh-group", ["ev"]) as consumer:
+        got = consumer.poll(timeout_s=2.0, max_records=100)
+    assert [r.offset for r in got] == list(range(8, 20))
