@@ -38,7 +38,10 @@ class EmbeddedGroupConsumer:
         self._consumed: dict[tuple[str, int], int] = {}
         for topic in topics:
             for p in stream.partitions(topic):
-                self._positions[(topic, p)] = stream.committed(group, topic, p) or 0
+                # a group that never committed (or committed below a removed prefix)
+                # starts at the log start, as Kafka's auto.offset.reset=earliest does
+                self._positions[(topic, p)] = max(stream.committed(group, topic, p) or 0,
+                                                  stream.start_offset(topic, p))
         self._order = sorted(self._positions)
         self._next = 0
 
