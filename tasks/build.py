@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from codistill.config import DataSettings
-from codistill.fsio import atomic_write_text
+from codistill.fsio import atomic_write_text, sha256_file
 from codistill.ranking import RankingExample, read_ranking_file, write_ranking_file
-from tasks.guards import build_guards, file_name, file_sha256, guards_hash
+from tasks.guards import build_guards, file_name, guards_hash
 from tasks.mine import mine
 from tasks.negatives import build_examples
 from tasks.packages import SMALL_STDLIB, pins_for
@@ -124,7 +124,7 @@ def build_dataset(
         path = out_dir / file_name(guard.name)
         write_ranking_file(path, guard.examples)
         guard_entries[guard.name] = {
-            "file": path.name, "sha256": file_sha256(path), "counts": guard.counts(),
+            "file": path.name, "sha256": sha256_file(path), "counts": guard.counts(),
             "sources": guard.sources, "mining": dict(sorted(guard.stats.items())),
         }
     lap("guards")

@@ -198,14 +198,6 @@ def build_guards(data: DataSettings, wheel_dir: Path, training_groups: Iterable[
     return out
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def guards_hash(entries: dict[str, dict[str, Any]]) -> str | None:
     """sha256 over (name, file sha256) of every guard set, in name order; None without any."""
     if not entries:

@@ -8,7 +8,6 @@ error, never a silent change of the mined data.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from codistill.fsio import sha256_file
 from tasks.packages import Pin
 
 PIP_PYTHON_VERSION = "3.11"  # the pins were chosen for this Python
@@ -23,14 +23,6 @@ PIP_PYTHON_VERSION = "3.11"  # the pins were chosen for this Python
 
 class WheelError(RuntimeError):
     """A pinned wheel could not be downloaded or does not match its sha256."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _normalized(name: str) -> str:

@@ -9,7 +9,6 @@ corrupted or swapped install fails loudly instead of producing silent garbage.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -22,7 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from codistill.fsio import atomic_write_json
+from codistill.fsio import atomic_write_json, sha256_file
 
 LOCK_FILE = Path(__file__).with_name("teachers.lock.json")
 
@@ -100,14 +99,6 @@ def add_local(folder: Path, home: Path, name: str | None = None) -> tuple[str, d
     current = json.loads(path.read_text())["teachers"] if path.exists() else {}
     atomic_write_json(path, {"teachers": {**current, name: entry}})
     return name, entry
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _entry(name: str, home: Path | None = None) -> dict[str, Any]:

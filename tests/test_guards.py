@@ -162,12 +162,13 @@ def test_small_guards_are_well_formed_and_disjoint(small_builds) -> None:
 
 def test_manifest_carries_guard_hashes_and_rebuild_is_identical(small_builds, tmp_path) -> None:
     out, first, second = small_builds
-    from tasks.guards import file_sha256, guards_hash
+    from codistill.fsio import sha256_file
+    from tasks.guards import guards_hash
 
     assert set(first["guards"]) == set(GUARD_SETS)
     for name, entry in first["guards"].items():
         assert entry["file"] == file_name(name)
-        assert entry["sha256"] == file_sha256(out / entry["file"])
+        assert entry["sha256"] == sha256_file(out / entry["file"])
         assert entry["counts"]["queries"] == len(read_ranking_file(out / entry["file"]))
         assert entry["sources"] and all("version" in s for s in entry["sources"])
     assert first["guards_hash"] == guards_hash(first["guards"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import threading
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from tests.helpers.online import (
     make_stream,
     produce,
     run_in_process,
+    run_in_thread,
     setup_online,
     tiny_corpus,
     trainer_config,
@@ -85,16 +85,7 @@ def test_a_version_deleted_under_a_running_trainer_stops_it_before_the_next_chec
         expected = waiting_offsets(parts, {p: stream.end_offset(topic, p) for p in parts}, 16)
     trainer = OnlineTrainer(settings, trainer_config(
         name="deleted", until_end=False, checkpoint_every=2, poll_interval_s=0.05))
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            trainer.run()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
+    thread, errors = run_in_thread(trainer)
     root = tmp_path / "online" / "deleted" / "checkpoints"
     last = f"ckpt-{sum(expected.values()) // 16 // 2 * 2:09d}"  # a checkpoint every 2 batches
     try:

@@ -15,6 +15,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -347,3 +348,18 @@ def waiting_offsets(partitions: Sequence[int], ends: Mapping[int, int],
 def committed_offsets(stream: EventStream, group: str, topic: str) -> dict[str, int]:
     """The group's committed offsets (0 where none)."""
     return {str(p): stream.committed(group, topic, p) or 0 for p in stream.partitions(topic)}
+
+
+def run_in_thread(trainer: Any) -> tuple[threading.Thread, list[BaseException]]:
+    """Start ``trainer.run()`` on a daemon thread; what it raises lands in the list."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            trainer.run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, errors

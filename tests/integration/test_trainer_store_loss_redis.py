@@ -11,7 +11,6 @@ stopped and started again on the same port; the event log is the embedded one.
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from tests.helpers.online import (
     make_stream,
     produce,
     read_topic,
+    run_in_thread,
     tiny_corpus,
     trainer_config,
     wait_for,
@@ -65,16 +65,7 @@ def test_a_redis_restarted_empty_stops_the_trainer_without_dead_letters_or_commi
         trainer = OnlineTrainer(settings, trainer_config(
             name="lost", until_end=False, checkpoint_every=2, poll_interval_s=0.05,
             backoff={"initial_s": 0.05, "max_s": 0.2}))
-        errors: list[BaseException] = []
-
-        def target() -> None:
-            try:
-                trainer.run()
-            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-                errors.append(exc)
-
-        thread = threading.Thread(target=target, daemon=True)
-        thread.start()
+        thread, errors = run_in_thread(trainer)
         root = tmp_path / "online" / "lost" / "checkpoints"
         good = f"ckpt-{sum(expected.values()) // 16 // 2 * 2:09d}"  # every 2 batches
         assert wait_for(lambda: getattr(trainer, "state", None) is not None
