@@ -65,6 +65,7 @@ class VersionKeeper:
         self.recorded: dict[str, int] = {}
         self._renewed_at = 0.0
         self._checking = False
+        self._outage_ended = False
 
     def take(self, version: str, recorded: Mapping[str, int]) -> dict[str, int]:
         """Lease ``version`` and check it against the counts a checkpoint ``recorded``.
@@ -150,11 +151,13 @@ class VersionKeeper:
     def _checked(self, when: str) -> tuple[VersionInfo, dict[str, int]]:
         version = self.version
         assert version is not None
-        self._checking = True
+        self._checking, self._outage_ended = True, False
         try:
             info = self.retry("store", "get_version", lambda: self.store.get_version(version))
         finally:
             self._checking = False
+        if self._outage_ended:  # this very call waited out an outage: say so
+            when = f"after a store outage, {when}"
         if info is None:
             raise self._lost("it is gone: the store was lost or replaced", when)
         if info.status != "complete":
@@ -169,8 +172,11 @@ class VersionKeeper:
 
     def on_recovered(self, kind: str) -> None:
         """The retry function's hook: a store outage just ended, so check the version first."""
-        if kind == "store" and self.version is not None and not self._checking:
-            self.check("after a store outage")
+        if kind == "store" and self.version is not None:
+            if self._checking:  # the check's own read recovered: it checks the answer itself
+                self._outage_ended = True
+            else:
+                self.check("after a store outage")
 
     def _lost(self, what: str, when: str) -> StoreLost:
         return StoreLost(
