@@ -24,6 +24,25 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def tensors_digest(path: Path) -> str:
+    """sha256 over the tensors of a safetensors file (names, dtypes, shapes, bytes).
+
+    Not over the file: safetensors writes its metadata map in a per-process random
+    order, so saving the same weights twice gives different file bytes. Student and
+    teacher versions both derive from it.
+    """
+    import numpy as np
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="numpy") as fh:
+        for name in sorted(fh.keys()):
+            arr = fh.get_tensor(name)
+            h.update(f"{name}|{arr.dtype.str}|{list(arr.shape)}|".encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a folder (a folder's fsync makes renames inside it durable)."""
     fd = os.open(path, os.O_RDONLY)

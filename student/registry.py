@@ -21,10 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, Field
 
-from codistill.fsio import atomic_write_text, publish_dir, write_synced
+from codistill.fsio import atomic_write_text, publish_dir, tensors_digest, write_synced
 from student.base import WEIGHTS_FILE, Student
 
 CARD_FILE = "student.json"
@@ -39,7 +38,7 @@ class StudentCard(BaseModel):
     student_version: str = ""
     kind: str
     teacher_version: str
-    weights_sha256: str = Field(description="sha256 of the tensors (see weights_digest)")
+    weights_sha256: str = Field(description="sha256 of the tensors (codistill.fsio.tensors_digest)")
     recipe: dict[str, Any] = Field(default_factory=dict, description="distillation settings")
     size: dict[str, float] = Field(default_factory=dict, description="parameters, megabytes")
     data_hash: str | None = None
@@ -56,23 +55,6 @@ class StudentCard(BaseModel):
         }
         blob = json.dumps(ident, sort_keys=True, default=str).encode()
         return f"{self.kind}-{hashlib.sha256(blob).hexdigest()[:10]}"
-
-
-def weights_digest(path: Path) -> str:
-    """sha256 over the tensors of a safetensors file (names, dtypes, shapes, bytes).
-
-    Not over the file: safetensors writes its metadata map in a per-process random
-    order, so saving the same weights twice gives different file bytes.
-    """
-    from safetensors import safe_open
-
-    h = hashlib.sha256()
-    with safe_open(str(path), framework="numpy") as fh:
-        for name in sorted(fh.keys()):
-            arr = fh.get_tensor(name)
-            h.update(f"{name}|{arr.dtype.str}|{list(arr.shape)}|".encode())
-            h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
 
 
 class StudentRegistry:
@@ -97,7 +79,7 @@ class StudentRegistry:
             card = card.model_copy(update={
                 "kind": student.kind,
                 "teacher_version": student.teacher_version,
-                "weights_sha256": weights_digest(tmp / WEIGHTS_FILE),
+                "weights_sha256": tensors_digest(tmp / WEIGHTS_FILE),
             })
             card.student_version = card.compute_version()
             target = self.path(card.student_version)
@@ -127,7 +109,7 @@ class StudentRegistry:
         """Rebuild a saved student after checking its weights against the card."""
         card = self.load_card(version)
         folder = self.path(version)
-        got = weights_digest(folder / WEIGHTS_FILE)
+        got = tensors_digest(folder / WEIGHTS_FILE)
         if got != card.weights_sha256:
             raise StudentIntegrityError(
                 f"student {version}: weights sha256 {got[:16]}... differs from its card "

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from codistill.fsio import atomic_write_text
+from codistill.fsio import atomic_write_text, tensors_digest
 from codistill.ids import text_hash
 from teacher import registry
 from teacher.cache import EmbeddingCache
@@ -90,23 +90,6 @@ class TeacherCard(BaseModel):
         }
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.base}-{'zs' if self.kind == 'zero-shot' else 'ft'}-{digest}"
-
-
-def tensors_digest(path: Path) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order.
-
-    Unlike the file's own hash it ignores the header's metadata and key order,
-    which differ between two saves of the same weights.
-    """
-    from safetensors import safe_open
-
-    h = hashlib.sha256()
-    with safe_open(str(path), framework="numpy") as f:
-        for name in sorted(f.keys()):
-            t = f.get_tensor(name)
-            h.update(f"{name}|{t.dtype.str}|{t.shape}|".encode())
-            h.update(np.ascontiguousarray(t).tobytes())
-    return h.hexdigest()
 
 
 class TeacherRegistry:
