@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -314,12 +315,30 @@ def setup_online(home: Path, n_requests: int, seed: int = 0, malformed_rate: flo
     return settings, generated
 
 
+# A small trainer: batches of 16, a checkpoint every 3, ``until_end`` (JSON-ready, so a
+# trainer subprocess can take it too).
+TRAINER = {"batch_size": 16, "checkpoint_every": 3, "until_end": True, **SMALL}
+
+
 def trainer_config(**kw: Any) -> Any:
-    """A small trainer: batches of 16, a checkpoint every 3, ``until_end``; ``kw`` overrides."""
+    """:data:`TRAINER` as an ``OnlineTrainerConfig``; ``kw`` overrides."""
     from codistill.config import OnlineTrainerConfig
 
-    base = {"batch_size": 16, "checkpoint_every": 3, "until_end": True, **SMALL}
-    return OnlineTrainerConfig.model_validate({**base, **kw})
+    return OnlineTrainerConfig.model_validate({**TRAINER, **kw})
+
+
+def kafka_redis_settings(home: Path, bootstrap: str, redis_url: str, prefix: str,
+                         partitions: int) -> Settings:
+    """Settings on a real Kafka and Redis, with a fresh topic and namespace per call."""
+    from codistill.config import load_settings
+
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    return load_settings(
+        home=home, threads=1,
+        store={"backend": "redis", "redis_url": redis_url, "namespace": name},
+        stream={"backend": "kafka", "bootstrap_servers": bootstrap, "topic": name,
+                "dlq_topic": f"{name}.dlq", "partitions": partitions},
+    )
 
 
 def run_in_process(settings: Settings, **kw: Any) -> tuple[dict[str, Any], Any]:

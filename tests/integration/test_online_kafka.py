@@ -20,12 +20,11 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from codistill.config import Settings, load_settings
+from codistill.config import Settings
 from stores import open_store
 from streaming import open_stream
 from streaming.dlq import decode_dead_letter
@@ -33,10 +32,12 @@ from streaming.generator import VALID
 from student.online import OnlineTrainer, OnlineTrainerConfig
 from student.online.checkpoint import LATEST, STATE_FILE
 from tests.helpers.online import (
+    TRAINER,
     assert_same_weights,
     end_offsets,
     fill_store,
     finish,
+    kafka_redis_settings,
     make_stream,
     produce,
     read_topic,
@@ -51,18 +52,9 @@ from tests.helpers.redis_process import RedisProcess, free_port
 
 pytestmark = pytest.mark.integration
 
-TRAINER = {"batch_size": 16, "checkpoint_every": 3, "until_end": True, "dim": 16, "out_dim": 16,
-           "max_vocab": 512, "lr": 0.01}
-
 
 def _settings(home: Path, bootstrap: str, redis_url: str) -> Settings:
-    name = f"online-{uuid.uuid4().hex[:10]}"
-    return load_settings(
-        home=home, threads=1,
-        store={"backend": "redis", "redis_url": redis_url, "namespace": name},
-        stream={"backend": "kafka", "bootstrap_servers": bootstrap, "topic": name,
-                "dlq_topic": f"{name}.dlq", "partitions": 4},
-    )
+    return kafka_redis_settings(home, bootstrap, redis_url, "online", partitions=4)
 
 
 def _populate(settings: Settings, n_requests: int, seed: int, malformed_rate: float = 0.0):

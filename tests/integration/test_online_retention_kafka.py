@@ -9,34 +9,32 @@ per test.
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import pytest
 from kafka import KafkaAdminClient, TopicPartition
 
-from codistill.config import Settings, load_settings
+from codistill.config import Settings
 from stores import open_store
 from streaming import open_stream
 from streaming.base import OffsetOutOfRange
 from student.online import OnlineTrainer, OnlineTrainerConfig, TrainerError
 from student.online.checkpoint import LATEST, STATE_FILE
-from tests.helpers.online import end_offsets, fill_store, make_stream, produce, tiny_corpus
+from tests.helpers.online import (
+    TRAINER,
+    end_offsets,
+    fill_store,
+    kafka_redis_settings,
+    make_stream,
+    produce,
+    tiny_corpus,
+)
 
 pytestmark = pytest.mark.integration
 
-TRAINER = {"batch_size": 16, "checkpoint_every": 3, "until_end": True, "dim": 16, "out_dim": 16,
-           "max_vocab": 512, "lr": 0.01}
-
 
 def _settings(home: Path, bootstrap: str, redis_url: str) -> Settings:
-    name = f"retention-{uuid.uuid4().hex[:10]}"
-    return load_settings(
-        home=home, threads=1,
-        store={"backend": "redis", "redis_url": redis_url, "namespace": name},
-        stream={"backend": "kafka", "bootstrap_servers": bootstrap, "topic": name,
-                "dlq_topic": f"{name}.dlq", "partitions": 2},
-    )
+    return kafka_redis_settings(home, bootstrap, redis_url, "retention", partitions=2)
 
 
 def _run(settings: Settings, **kw: object) -> dict:
