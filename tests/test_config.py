@@ -80,3 +80,21 @@ def test_cli_flags_override_the_sections() -> None:
     assert (cfg.epochs, cfg.alpha, cfg.temperature) == (5, 0.7, s.distill.temperature)
     online = _with_flags(s.online, lr=1e-4, name=None)
     assert online.lr == 1e-4 and online.name == "default"
+
+
+@pytest.mark.parametrize("section, key", [
+    ("data", "sizes"), ("teacher", "max_seq_lenght"), ("store", "backnd"), ("stream", "topics"),
+    ("distill", "epoch"), ("online", "alpah")])
+def test_a_misspelt_key_in_any_section_is_an_error(tmp_path: Path, section: str, key: str) -> None:
+    """A typo in a settings file must not be ignored silently (the default would run instead)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"{section}:\n  {key}: 1\n")
+    with pytest.raises(ValueError, match=key):
+        load_settings(cfg)
+
+
+@pytest.mark.parametrize("nested", [{"teacher": {"train": {"lr_rate": 1e-5}}},
+                                    {"teacher": {"gate": {"mode_": "superiority"}}}])
+def test_a_misspelt_nested_key_is_an_error(nested: dict) -> None:
+    with pytest.raises(ValueError, match="_rate|mode_"):
+        load_settings(**nested)
