@@ -27,7 +27,14 @@ from codistill.gate import GateConfig
 Size = Literal["small", "demo", "full"]
 
 
-class DataSettings(BaseModel):
+class Section(BaseModel):
+    """A settings section: an unknown key (a typo in a file or a variable) is an error,
+    never silently ignored in favour of the default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSettings(Section):
     size: Size = "demo"
     negatives: int = Field(31, ge=1, description="negatives per query (candidates = 1 + negatives)")
     hard_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of negatives from BM25")
@@ -39,7 +46,7 @@ class DataSettings(BaseModel):
         "both, except at small: nl2code-prose only (code2code-versions downloads wheels)")
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(Section):
     """Fine-tuning budget: whichever of steps / seconds runs out first stops training."""
 
     max_steps: int = Field(60, ge=0)
@@ -57,7 +64,7 @@ class TrainSettings(BaseModel):
     )
 
 
-class TeacherSettings(BaseModel):
+class TeacherSettings(Section):
     model: str = Field("minilm", description="pretrained teacher: minilm | mpnet | a local folder")
     max_seq_length: int = 128
     logit_scale: float = Field(20.0, gt=0, description="teacher logits = scale * cosine")
@@ -67,7 +74,7 @@ class TeacherSettings(BaseModel):
                              "(codistill.gate); superiority: better on valid, with confidence")
 
 
-class StoreSettings(BaseModel):
+class StoreSettings(Section):
     backend: Literal["embedded", "redis"] = "embedded"
     path: Path | None = Field(None, description="embedded store folder; default HOME/store")
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -77,7 +84,7 @@ class StoreSettings(BaseModel):
     batch_size: int = Field(256, ge=1, description="records per write batch / MGET")
 
 
-class StreamSettings(BaseModel):
+class StreamSettings(Section):
     backend: Literal["embedded", "kafka"] = "embedded"
     path: Path | None = Field(None, description="embedded event-log folder; default HOME/events")
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -90,7 +97,7 @@ class StreamSettings(BaseModel):
     sasl_password: str | None = None
 
 
-class DistillConfig(BaseModel):
+class DistillConfig(Section):
     """Recipe of an offline distillation run (``settings.distill``; part of the student version).
 
     Read by ``student.distill.distill`` and ``student.training.fit``; the loss these
@@ -146,10 +153,8 @@ class DistillConfig(BaseModel):
         return self.model_dump(exclude={"track_valid", "measure_speed", "threads"})
 
 
-class BackoffConfig(BaseModel):
+class BackoffConfig(Section):
     """Retry policy for an unreachable store or stream: ``initial * factor^n``, capped."""
-
-    model_config = ConfigDict(extra="forbid")
 
     initial_s: float = Field(0.05, gt=0)
     max_s: float = Field(5.0, gt=0)
@@ -157,7 +162,7 @@ class BackoffConfig(BaseModel):
     give_up_after_s: float | None = Field(None, gt=0, description="None: retry forever")
 
 
-class OnlineTrainerConfig(BaseModel):
+class OnlineTrainerConfig(Section):
     """The online trainer (``codistill student online``; section ``online`` of ``Settings``).
 
     ``batch_size``, ``alpha``, ``temperature``, ``eta``, ``lr`` (and ``max_ipw_weight``,
@@ -166,7 +171,6 @@ class OnlineTrainerConfig(BaseModel):
     lives, when to stop and how to retry.
     """
 
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$",
                       description="trainer identity: checkpoint folder, lease, default group")

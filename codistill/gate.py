@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 Mode = Literal["superiority", "non-inferiority"]
 VALID = "valid"
@@ -52,6 +52,8 @@ VALID = "valid"
 
 class GateConfig(BaseModel):
     """How strict a promotion is; see the module docstring for the rule."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a default
 
     mode: Mode = "superiority"
     tolerance: float = Field(0.01, ge=0, description="largest loss allowed on a guard set "
