@@ -28,6 +28,9 @@ def test_demo_runs_every_stage_and_writes_its_summary(tmp_path: Path) -> None:
         "build data", "evaluate zero-shot teacher", "precompute embeddings + soft labels",
         "distill student (offline warm start)", "online training over a seeded event stream"]
     assert summary["data"]["counts"]["test"]["queries"] == 60
+    # which teacher, and why, is printed and kept
+    assert summary["teacher_choice"].startswith("teacher: minilm zero-shot at 128 tokens")
+    assert "Why this teacher" in " ".join(res.output.split())
     distilled = summary["distill"]["results"]
     for split in ("valid", "test"):  # the student learned something on held-out queries
         assert distilled["student"][split]["mrr@10"] > distilled["untrained"][split]["mrr@10"]

@@ -65,6 +65,8 @@ def run_demo(settings: Settings, progress: bool = True, train: bool = True,
                                         progress, teacher) for sp in ("valid", "test")}
 
     zs_version = wf.zero_shot_version(settings)
+    summary["teacher_choice"] = note = teacher_note(settings, train)
+    console.print(note)
     with timer.step("evaluate zero-shot teacher"):
         summary["zero_shot"] = {"teacher_version": zs_version, **evaluate(zs_version)}
         console.print(metrics_table(f"zero-shot {zs_version}", _splits_only(summary["zero_shot"])))
@@ -114,6 +116,20 @@ def run_demo(settings: Settings, progress: bool = True, train: bool = True,
     atomic_write_text(path, json.dumps(summary, indent=2, default=str))
     console.print(f"summary written to {path}")
     return summary
+
+
+def teacher_note(settings: Settings, train: bool) -> str:
+    """Which teacher the demo runs, and why that one (printed and kept in the summary)."""
+    t, r = settings.teacher, settings.teacher.train
+    plan = (f", then fine-tuned ({r.max_steps} steps of {r.batch_size} queries, top "
+            f"{r.train_layers or 'all'} layers, {r.max_seq_length} tokens, lr {r.lr:g}); the fine-tune "
+            f"becomes current only if the promotion gate ({t.gate.mode}) accepts it on valid and "
+            "every guard set" if train else " (no fine-tune: --skip-train)")
+    return (f"teacher: {t.model} zero-shot at {t.max_seq_length} tokens{plan}. Why this teacher: "
+            "it keeps the demo within its 15-minute budget on 2 cores; `python benchmarks/teacher.py` "
+            "compares MiniLM and mpnet at 128-384 tokens, zero-shot and fine-tuned, and names the "
+            "best teacher the gate accepts (README, Results; set teacher.model and "
+            "teacher.max_seq_length to use it).")
 
 
 def _splits_only(d: dict[str, Any]) -> dict[str, dict[str, float]]:
