@@ -54,6 +54,11 @@ class EmbeddingCache:
                 [(version, h, vectors[i].tobytes()) for i, h in enumerate(hashes)],
             )
 
+    def drop(self, version: str) -> int:
+        """Forget every embedding of ``version`` (a benchmark measuring a cold start)."""
+        with self.conn:
+            return self.conn.execute("DELETE FROM emb WHERE version=?", [version]).rowcount
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
