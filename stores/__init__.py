@@ -54,7 +54,7 @@ def open_store(settings: StoreSettings) -> Store:
                 "embedded store needs settings.path; use Settings.resolved_store() "
                 "to fill it in from CODISTILL_HOME"
             )
-        return EmbeddedStore(settings.path)
+        return EmbeddedStore(settings.path, ttl_s=settings.ttl_s)
     if settings.backend == "redis":
         from stores.redis_store import RedisStore  # redis-py is only needed for this backend
 

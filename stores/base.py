@@ -168,6 +168,17 @@ class VersionManifest(Protocol):
     def read_current_labels(self, query_ids: Sequence[str]) -> tuple[str, list[SoftLabelRecord | None]]:
         """Resolve the current version and read labels from it, consistently."""
         ...
+    def expire_stale_versions(self) -> list[str]:
+        """With ``store.ttl_s`` set: give every complete version that is neither current,
+        pinned nor leased a deadline ``ttl_s`` from the first sweep that finds it so (a
+        later sweep keeps it; becoming current, pinned or leased removes it), and drop
+        the versions past theirs (Redis: key TTLs, the manifest entry at a later sweep;
+        embedded: deleted by the first sweep past the deadline). Returns the versions
+        that carry a deadline; a no-op without ``ttl_s``."""
+        ...
+    def expiring(self) -> dict[str, float]:
+        """Versions with an expiry deadline (unix seconds), see :meth:`expire_stale_versions`."""
+        ...
 
 
 @runtime_checkable

@@ -11,7 +11,7 @@ from rich.table import Column, Table
 
 from codistill import console as cli
 from stores import open_configured_store
-from stores.base import StoreError
+from stores.base import Store, StoreError
 
 store_app = typer.Typer(help="Inspect and manage the candidate / soft-label store.",
                         no_args_is_help=True)
@@ -26,13 +26,15 @@ def store_info() -> None:
     except StoreError as exc:
         raise cli.fail(exc) from None
     try:
-        current = store.current()
+        current, expiring, now = store.current(), store.expiring(), time.time()
         table = Table(Column("version", overflow="fold"),  # an id cut short is useless
                       "status", "model", "scale", "dim", "counts", "pins", title=store.describe())
         for info in store.versions():
             v = info.teacher_version
             status = info.status + ("" if info.meta.get("id_scheme", "1") != "1"
                                     else " (old id scheme)")
+            if v in expiring:
+                status += f", expires in {_span(expiring[v] - now)}"
             table.add_row(("* " if v == current else "  ") + v, status, info.model,
                           f"{info.logit_scale:g}", str(info.dim), json.dumps(info.counts),
                           ", ".join(sorted(store.pins(v))))
@@ -79,6 +81,39 @@ def store_unpin(version: str, consumer: str) -> None:
     """Release a consumer's pin (the version may expire once no pin and not current)."""
     _change_pin("unpin", version, consumer)
     cli.out.print(f"unpinned {version} for {consumer}")
+    with open_configured_store(cli.settings()) as store:
+        report_expiry(store)
+
+
+@store_app.command("expire")
+def store_expire() -> None:
+    """With store.ttl_s set: start the TTL of every complete version that is neither
+    current, pinned nor leased, and delete those whose TTL has run out (run it from cron;
+    `store unpin`, `student delete` and `teacher precompute` run it too)."""
+    s = cli.settings()
+    if not s.store.ttl_s:
+        raise cli.fail(ValueError("store.ttl_s is not set, so no version expires: set it, "
+                                  "e.g. CODISTILL_STORE__TTL_S=86400"))
+    try:
+        with open_configured_store(s) as store:
+            report_expiry(store)
+    except StoreError as exc:
+        raise cli.fail(exc) from None
+
+
+def report_expiry(store: Store) -> dict[str, list[str]]:
+    """One expiry sweep (``store.expire_stale_versions``; nothing without ``ttl_s``),
+    printing the versions it deleted and those that now expire."""
+    before = {i.teacher_version for i in store.versions()}
+    expiring = store.expire_stale_versions()
+    gone = sorted(before - {i.teacher_version for i in store.versions()})
+    deadlines, now = store.expiring(), time.time()
+    for v in gone:
+        cli.out.print(f"expired {v}")
+    for v in expiring:
+        left = f" in {_span(deadlines[v] - now)}" if v in deadlines else ""
+        cli.out.print(f"{v} expires{left} (neither current, pinned nor leased)")
+    return {"expired": gone, "expiring": expiring}
 
 
 def _change_pin(action: Literal["pin", "unpin"], version: str, consumer: str) -> None:

@@ -46,7 +46,8 @@ from stores.codec import (
     encode_vectors,
 )
 
-SCHEMA_VERSION = 3  # 2: seq columns (appends to complete versions); 3: pin ages, leases
+SCHEMA_VERSION = 4  # 2: seq columns (appends to complete versions); 3: pin ages, leases;
+# 4: expiry deadlines (``store.ttl_s``)
 DB_NAME = "store.sqlite"
 _SQL_CHUNK = 500  # ids per "IN (...)": far below SQLite's variable limit
 _PAGE = 1000  # ids per page of iter_candidate_ids: short read transactions
@@ -67,6 +68,7 @@ CREATE TABLE IF NOT EXISTS pins (
 CREATE TABLE IF NOT EXISTS leases (
     version TEXT NOT NULL, owner TEXT NOT NULL, created_at REAL NOT NULL,
     expires_at REAL NOT NULL, PRIMARY KEY (version, owner));
+CREATE TABLE IF NOT EXISTS expiring (version TEXT PRIMARY KEY, deadline REAL NOT NULL);
 """
 
 # Connections inherited over fork(): kept referenced so the child never closes them
@@ -77,8 +79,10 @@ _INHERITED: list[sqlite3.Connection] = []
 class EmbeddedStore:
     """SQLite-backed :class:`stores.base.Store` at ``root / "store.sqlite"``."""
 
-    def __init__(self, root: str | Path, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, root: str | Path, *, timeout_s: float = 30.0,
+                 ttl_s: float | None = None) -> None:
         self.root = Path(root)
+        self.ttl_s = ttl_s
         self.db_path = self.root / DB_NAME
         self._timeout_s = timeout_s
         self._pid = os.getpid()
@@ -324,28 +328,20 @@ class EmbeddedStore:
         with self._tx(write=True) as conn:
             existing = self._info(conn, info.teacher_version)
             if existing is None:
-                conn.execute(
-                    "INSERT INTO versions (version, info) VALUES (?, ?)",
-                    (info.teacher_version, info.model_dump_json()),
-                )
+                conn.execute("INSERT INTO versions (version, info) VALUES (?, ?)",
+                             (info.teacher_version, info.model_dump_json()))
                 return
         check_resume(existing, info)
 
     def complete_version(self, version: str, counts: Mapping[str, int] | None = None) -> None:
         with self._tx(write=True) as conn:
             info = self._require(conn, version)
-            measured = {
-                "embeddings": conn.execute(
-                    "SELECT COUNT(*) FROM embeddings WHERE version = ?", (version,)
-                ).fetchone()[0],
-                "labels": conn.execute(
-                    "SELECT COUNT(*) FROM labels WHERE version = ?", (version,)
-                ).fetchone()[0],
-            }
+            measured = {t: conn.execute(f"SELECT COUNT(*) FROM {t} WHERE version = ?",
+                                        (version,)).fetchone()[0]
+                        for t in ("embeddings", "labels")}
             done = completed_info(info, measured, counts)
-            conn.execute(
-                "UPDATE versions SET info = ? WHERE version = ?", (done.model_dump_json(), version)
-            )
+            conn.execute("UPDATE versions SET info = ? WHERE version = ?",
+                         (done.model_dump_json(), version))
 
     def get_version(self, version: str) -> VersionInfo | None:
         with self._tx(write=False) as conn:
@@ -361,14 +357,11 @@ class EmbeddedStore:
         with self._tx(write=True) as conn:
             info = self._require(conn, version)
             if info.status != "complete":
-                raise VersionError(
-                    f"version {version!r} is {info.status}; only a complete one can become current"
-                )
-            conn.execute(
-                "INSERT INTO pointers (name, version) VALUES ('current', ?) "
-                "ON CONFLICT(name) DO UPDATE SET version = excluded.version",
-                (version,),
-            )
+                raise VersionError(f"version {version!r} is {info.status}; only a complete one "
+                                   "can become current")
+            conn.execute("INSERT INTO pointers (name, version) VALUES ('current', ?) "
+                         "ON CONFLICT(name) DO UPDATE SET version = excluded.version", (version,))
+            self._keep(conn, version)
 
     def current(self) -> str | None:
         with self._tx(write=False) as conn:
@@ -379,6 +372,7 @@ class EmbeddedStore:
             self._require(conn, version)
             conn.execute("INSERT OR IGNORE INTO pins (version, consumer, created_at) "
                          "VALUES (?, ?, ?)", (version, consumer, time.time()))
+            self._keep(conn, version)
 
     def unpin(self, version: str, consumer: str) -> None:
         with self._tx(write=True) as conn:
@@ -398,6 +392,7 @@ class EmbeddedStore:
             created = row[0] if row is not None and row[1] > now else now
             conn.execute("INSERT OR REPLACE INTO leases (version, owner, created_at, expires_at) "
                          "VALUES (?, ?, ?, ?)", (version, owner, created, now + ttl_s))
+            self._keep(conn, version)
         return Hold(version=version, kind="lease", owner=owner, created_at=created,
                     expires_at=now + ttl_s)
 
@@ -422,10 +417,8 @@ class EmbeddedStore:
         with self._tx(write=True) as conn:
             if self._current(conn) == version:
                 raise VersionError(f"version {version!r} is current; it cannot be deleted")
-            pins = [
-                r[0]
-                for r in conn.execute("SELECT consumer FROM pins WHERE version = ?", (version,))
-            ]
+            pins = [r[0] for r in conn.execute("SELECT consumer FROM pins WHERE version = ?",
+                                               (version,))]
             if pins:
                 raise VersionError(f"version {version!r} is pinned by {sorted(pins)}")
             leased = [r[0] for r in conn.execute(
@@ -433,8 +426,46 @@ class EmbeddedStore:
                 (version, time.time()))]
             if leased:
                 raise VersionError(f"version {version!r} is leased by {', '.join(sorted(leased))}")
-            for table in ("embeddings", "labels", "leases", "versions"):
-                conn.execute(f"DELETE FROM {table} WHERE version = ?", (version,))
+            self._drop(conn, version)
+
+    @staticmethod
+    def _drop(conn: sqlite3.Connection, version: str) -> None:
+        for table in ("embeddings", "labels", "leases", "expiring", "versions"):
+            conn.execute(f"DELETE FROM {table} WHERE version = ?", (version,))
+
+    @staticmethod
+    def _keep(conn: sqlite3.Connection, version: str) -> None:
+        """A version that became current, pinned or leased loses its expiry deadline."""
+        conn.execute("DELETE FROM expiring WHERE version = ?", (version,))
+
+    # ------------------------------------------------------------------ TTL
+    def expire_stale_versions(self) -> list[str]:
+        """One sweep (a no-op without ``ttl_s``): a complete version that is neither
+        current, pinned nor leased gets the deadline now + ``ttl_s`` (the first one
+        given stays), and one past its deadline is deleted, all in one transaction.
+        Returns the versions that carry a deadline after the sweep."""
+        if not self.ttl_s:
+            return []
+        now = time.time()
+        with self._tx(write=True) as conn:
+            held = {r[0] for r in conn.execute(
+                "SELECT version FROM pointers WHERE name = 'current' UNION SELECT version "
+                "FROM pins UNION SELECT version FROM leases WHERE expires_at > ?", (now,))}
+            for version, raw in conn.execute("SELECT version, info FROM versions").fetchall():
+                if version in held:
+                    self._keep(conn, version)
+                elif VersionInfo.model_validate_json(raw).status == "complete":
+                    conn.execute("INSERT OR IGNORE INTO expiring (version, deadline) "
+                                 "VALUES (?, ?)", (version, now + self.ttl_s))
+            for (version,) in conn.execute("SELECT version FROM expiring WHERE deadline <= ?",
+                                           (now,)).fetchall():
+                self._drop(conn, version)
+            return sorted(r[0] for r in conn.execute("SELECT version FROM expiring"))
+
+    def expiring(self) -> dict[str, float]:
+        """Versions given a deadline by :meth:`expire_stale_versions`: unix seconds."""
+        with self._tx(write=False) as conn:
+            return dict(conn.execute("SELECT version, deadline FROM expiring").fetchall())
 
     def read_current_labels(
         self, query_ids: Sequence[str]

@@ -334,6 +334,11 @@ class RedisStore(RedisIO):
         self._reap_expired()
         return stale
 
+    @guarded
+    def expiring(self) -> dict[str, float]:
+        return {v.decode(): datetime.fromisoformat(d.decode()).timestamp()
+                for v, d in self._client.hgetall(self._k("expiring")).items()}
+
     def _protected(self, version: str) -> bool:
         return (self.current() == version or bool(self._client.scard(self._k("pins", version)))
                 or any(h.kind == "lease" for h in self.holds(version)))

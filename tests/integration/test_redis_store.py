@@ -169,6 +169,8 @@ def test_ttl_spares_pinned_and_current(redis_url: str, namespace: str) -> None:
 
     assert store.expire_stale_versions() == ["v1"]
     assert all(0 < t <= 300 for t in _ttls(client, namespace, "v1"))
+    assert set(store.expiring()) == {"v1"}  # what `store info` shows as "expires in ..."
+    assert time.time() < store.expiring()["v1"] <= time.time() + 300
     for version in ("v2", "v3", "v4"):
         assert set(_ttls(client, namespace, version)) == {-1}, version
     assert client.ttl(f"{namespace}:text:t1") == -1
