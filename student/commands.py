@@ -126,6 +126,34 @@ def student_list() -> None:
     cli.out.print(table)
 
 
+@student_app.command("delete")
+def student_delete(
+    version: Annotated[str, typer.Argument(help="a saved student version (see student list)")],
+) -> None:
+    """Delete a saved student and release its durable pin on its teacher version, which
+    can then expire (store.ttl_s) once it is neither current, pinned nor leased. The
+    current student is refused. A trainer warm-started from it is unaffected: it holds
+    its own lease on its version while it runs."""
+    from stores import open_configured_store
+    from stores.base import StoreError
+    from stores.commands import report_expiry
+    from student.registry import student_registry
+
+    s = cli.settings()
+    try:
+        with open_configured_store(s) as store:  # reachable before anything is removed
+            card = student_registry(s.home).delete(version, lambda c: store.unpin(
+                c.teacher_version, f"student:{c.student_version}"))
+            cli.out.print(f"deleted student {version}; released its pin on teacher "
+                          f"{card.teacher_version}")
+            holds = [f"{h.kind} {h.owner}" for h in store.holds(card.teacher_version)]
+            if holds:
+                cli.out.print(f"{card.teacher_version} is still held: {', '.join(holds)}")
+            report_expiry(store)
+    except (FileNotFoundError, ValueError, StoreError) as exc:
+        raise cli.fail(exc) from None
+
+
 # ---------------------------------------------------------------- online
 @student_app.command("online")
 def student_online(
@@ -160,6 +188,9 @@ def student_online(
     replay_plan: Annotated[Path | None, typer.Option(
         help="apply the entries of a trainer's plan (its checkpoints-plan folder) and "
         "stop: a fresh trainer replays that run")] = None,
+    teacher_version: Annotated[str | None, typer.Option(
+        help="the teacher version to distil from (default: the checkpoint's; a new trainer: "
+        "the store's current); a trainer never changes version")] = None,
 ) -> None:
     """Train the student continuously from the events topic (single writer, exactly once)."""
     from stores.base import StoreError
@@ -172,7 +203,8 @@ def student_online(
                       max_batches=max_batches, init_student=init_student,
                       metrics_port=metrics_port, accept_changes=accept_changes or None,
                       start_from=start_from, accept_gap=accept_gap or None,
-                      max_batch_wait_s=max_batch_wait_s, replay_plan=replay_plan)
+                      max_batch_wait_s=max_batch_wait_s, replay_plan=replay_plan,
+                      teacher_version=teacher_version)
     try:
         summary = run_online(s, cfg)
     except (StoreError, TrainerError, CheckpointError, LookupError, FileNotFoundError,

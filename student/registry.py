@@ -15,19 +15,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from codistill.fsio import atomic_write_text, publish_dir, tensors_digest, write_synced
+from codistill.fsio import (
+    atomic_write_text,
+    fsync_path,
+    publish_dir,
+    tensors_digest,
+    write_synced,
+)
 from student.base import WEIGHTS_FILE, Student
 
 CARD_FILE = "student.json"
 POINTER_FILE = "current.json"
+DELETING = ".deleting-"  # a student on its way out: no longer listed or loadable
+_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 
 
 class StudentIntegrityError(RuntimeError):
@@ -124,6 +134,30 @@ class StudentRegistry:
         cards = [(self.load_card(p.parent.name).created_at, p.parent.name)
                  for p in self.dir.glob(f"*/{CARD_FILE}") if not p.parent.name.startswith(".")]
         return [v for _, v in sorted(cards)]
+
+    def delete(self, version: str, release: Callable[[StudentCard], None]) -> StudentCard:
+        """Remove a saved student and, through ``release``, what it holds (its durable pin).
+
+        The folder first leaves the registry in one rename (to a hidden name: no longer
+        listed, resolved or loadable), then ``release(card)`` runs, then the files go.
+        A crash in between leaves the hidden folder and, at worst, a pin that keeps its
+        teacher version alive; running the same delete again finishes the job. The
+        current student is refused: make another one current first.
+        """
+        if not _NAME.match(version):
+            raise ValueError(f"{version!r} is not a student version")
+        trash = self.dir / f"{DELETING}{version}"
+        if not trash.exists():
+            self.load_card(version)  # raises, listing the known versions
+            if self.current_version() == version:
+                raise ValueError(f"student {version} is the current student "
+                                 f"({self.dir / POINTER_FILE}): distil a new one first")
+            os.rename(self.path(version), trash)
+            fsync_path(self.dir)
+        card = StudentCard.model_validate_json((trash / CARD_FILE).read_text())
+        release(card)
+        shutil.rmtree(trash)
+        return card
 
     def current_version(self) -> str | None:
         ptr = self.dir / POINTER_FILE

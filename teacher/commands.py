@@ -11,8 +11,10 @@ from rich.table import Table
 
 from codistill import console as cli
 
-teacher_app = typer.Typer(help="Pretrained teachers: evaluate, fine-tune, precompute.",
+teacher_app = typer.Typer(help="Pretrained teachers: evaluate, fine-tune, promote, precompute.",
                           no_args_is_help=True)
+
+REJECTED = 1  # `teacher promote`: the gate kept the current teacher (not a user error: 2)
 
 
 @teacher_app.command("list")
@@ -83,13 +85,55 @@ def teacher_train(
         result = train_and_promote(s, cli.progress())
     except FileNotFoundError as exc:
         raise cli.fail(exc) from None
+    _print_decision(result)
+
+
+@teacher_app.command("promote")
+def teacher_promote(
+    candidate: Annotated[str, typer.Argument(
+        help="minilm, mpnet, a name from `teacher add` or a version id (at the configured "
+        "teacher.max_seq_length / logit_scale for a name)")],
+    force: Annotated[bool, typer.Option(
+        "--force", help="make it current even if the gate rejects it (a rollback); the "
+        "decision is still printed and stored on its card")] = False,
+) -> None:
+    """Make CANDIDATE the current teacher iff the promotion gate (teacher.gate, on valid and
+    every built guard set) prefers it to the current one; the decision is stored on its card.
+    Exit 0: promoted (or forced); 1: rejected (the current teacher stays); 2: a user error.
+    The store switches only when `teacher precompute` has written the new version completely."""
+    from teacher.workflow import promote_version
+
+    try:
+        result = promote_version(cli.settings(), candidate, cli.progress(), force)
+    except (FileNotFoundError, ValueError) as exc:
+        raise cli.fail(exc) from None
+    _print_decision(result)
+    if result.get("forced"):
+        cli.console.print(f"[yellow]forced:[/yellow] {result['candidate']} is current although "
+                          "the gate rejected it")
+    elif not result["promoted"]:
+        cli.console.print(f"[red]rejected:[/red] {result['candidate']} is not promoted; the "
+                          f"current teacher stays {result['current']}")
+        raise typer.Exit(REJECTED)
+
+
+def _print_decision(result: dict[str, Any]) -> None:
+    """The gate's verdict and MRR@10 per set, and its table (effect and bound per set)."""
     verdict = ("promoted to current" if result["promoted"]
-               else f"NOT promoted ({result['gate']['reason']}); kept")
+               else f"NOT promoted ({result['gate']['reason']}); "
+               + ("made current with --force" if result.get("forced") else "kept"))
     cli.out.print(f"{result['candidate']}: valid MRR@10 {result['valid_mrr@10_candidate']:.4f} vs "
               f"{result['valid_mrr@10_previous']:.4f} of {result['previous']} -> {verdict}")
     for name, m in result["guards"].items():
         cli.out.print(f"  guard {name}: MRR@10 {m['mrr@10_candidate']:.4f} vs "
                       f"{m['mrr@10_previous']:.4f}")
+    gate = result["gate"]
+    table = Table("set", "queries", "effect", "lower bound", "must exceed", "p", "passed",
+                  title=f"gate ({gate['mode']}): {result['candidate']} vs {result['previous']}")
+    for r in gate["sets"]:
+        table.add_row(r["name"], str(r["n_queries"]), f"{r['effect']:+.4f}", f"{r['lower']:+.4f}",
+                      f"{r['threshold']:+.4f}", f"{r['p_value']:.3f}", "yes" if r["passed"] else "NO")
+    cli.out.print(table)
     cli.out.print(f"current teacher: {result['current']}")
 
 
@@ -99,9 +143,13 @@ def teacher_precompute(
     teacher: Annotated[str | None, typer.Option(help="'current' (default) or a version id")] = None,
     make_current: Annotated[bool, typer.Option(help="switch the store's current version when done")] = True,
 ) -> None:
-    """Write candidate embeddings and soft labels into the store (resumable)."""
+    """Write candidate embeddings and soft labels into the store (resumable); the version
+    becomes the store's current only once complete (then, with store.ttl_s, the versions
+    no longer current, pinned or leased start to expire)."""
     from codistill.ranking import RankingFileError, read_ranking_file
+    from stores import open_configured_store
     from stores.base import StoreError
+    from stores.commands import report_expiry
     from teacher.workflow import precompute_sets, precompute_version, resolve_version
 
     s = cli.settings()
@@ -110,12 +158,17 @@ def teacher_precompute(
         splits = ({p.stem: read_ranking_file(p) for p in data} if data
                   else precompute_sets(s))
         stats = precompute_version(s, version, splits, cli.progress(), make_current)
+        rates = stats.rates()
+        cli.out.print(f"teacher {version}: {stats.candidates_written}/{stats.candidates_total} "
+                      f"candidates and {stats.queries_written}/{stats.queries_total} queries "
+                      f"written in {stats.seconds:.1f}s ({rates['candidates_per_s']:.0f} "
+                      f"candidates/s, {rates['queries_per_s']:.0f} queries/s)"
+                      + (" (current)" if make_current else ""))
+        if make_current:
+            with open_configured_store(s) as store:
+                report_expiry(store)
     except (RankingFileError, FileNotFoundError, StoreError) as exc:
         raise cli.fail(exc) from None
-    rates = stats.rates()
-    cli.out.print(f"teacher {version}: {stats.candidates_written}/{stats.candidates_total} candidates and "
-              f"{stats.queries_written}/{stats.queries_total} queries written in {stats.seconds:.1f}s "
-              f"({rates['candidates_per_s']:.0f} candidates/s, {rates['queries_per_s']:.0f} queries/s)")
 
 
 @teacher_app.command("install")

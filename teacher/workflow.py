@@ -95,67 +95,122 @@ def guard_sets(settings: Settings) -> dict[str, tuple[list[RankingExample], str]
             for name in built_guards(settings)}
 
 
-def train_and_promote(settings: Settings, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune the current teacher; promote the result only if the gate says it is better.
+def gate_sets(settings: Settings) -> dict[str, tuple[list[RankingExample], str]]:
+    """What the promotion gate judges on: valid and every built guard set
+    (``data.guard_sets``), each with the card label its metrics are stored under."""
+    return {"valid": (read_split(settings, "valid"), metric_label(settings, "valid")),
+            **guard_sets(settings)}
 
-    The gate (:mod:`codistill.gate`, ``settings.teacher.gate``, superiority by default)
-    compares per-query MRR@10 of candidate and incumbent on the same lists with a
-    seeded paired bootstrap: on valid (the lower bound must be > 0) and on every built
-    guard set (``data.guard_sets``; the bound must be > -tolerance), so a fine-tune
-    that buys valid MRR with generalization is not promoted. The decision, listing
-    every set, is stored on the candidate's card, which is kept (never made current)
-    when it is rejected.
-    """
+
+Judged = dict[str, tuple[dict[str, float], Any]]  # set -> (metrics, per-query MRR@10)
+
+
+def judge_teacher(settings: Settings, teacher: Teacher,
+                  sets: dict[str, tuple[list[RankingExample], str]]) -> Judged:
+    """Metrics (remembered on the card of ``teacher.version``) and per-query MRR@10 per set."""
     from codistill import metrics
-    from codistill.gate import decide
     from teacher.evaluate import score_examples
 
     reg = teacher_registry(settings)
-    old_version = ensure_current(settings)
-    train = read_split(settings, "train")
-    sets = {"valid": (read_split(settings, "valid"), metric_label(settings, "valid")),
-            **guard_sets(settings)}
-    teacher = open_teacher(settings, old_version, progress)
+    out = {}
+    for name, (examples, label) in sets.items():
+        scores = score_examples(teacher, examples)
+        labels = [ex.labels for ex in examples]
+        result = metrics.evaluate(scores, labels)
+        card = reg.load(teacher.version)
+        card.metrics[label] = result
+        reg.save(card)
+        out[name] = (result, metrics.per_query(scores, labels, ("mrr@10",))["mrr@10"])
+    return out
 
-    def judge(version: str) -> dict[str, tuple[dict[str, float], Any]]:
-        """Metrics (remembered on the card) and per-query MRR@10 of ``teacher`` per set."""
-        out = {}
-        for name, (examples, label) in sets.items():
-            scores = score_examples(teacher, examples)
-            labels = [ex.labels for ex in examples]
-            result = metrics.evaluate(scores, labels)
-            card = reg.load(version)
-            card.metrics[label] = result
-            reg.save(card)
-            out[name] = (result, metrics.per_query(scores, labels, ("mrr@10",))["mrr@10"])
-        return out
 
-    old = judge(old_version)
-    cfg = settings.teacher.train
-    result = finetune(teacher, make_triples(train, cfg.hard_negatives, cfg.seed), cfg, progress)
-    card = save_finetuned(teacher, reg, cfg, manifest_data_hash(settings), result)
-    teacher.card = card  # the cache is keyed by version: evaluate as the new teacher
-    new = judge(card.teacher_version)
-    decision = decide({name: (new[name][1], old[name][1]) for name in sets},
+def gate_and_promote(settings: Settings, candidate: str, incumbent: str, new: Judged,
+                     old: Judged) -> dict[str, Any]:
+    """Judge ``candidate`` against ``incumbent`` with the gate, on the same sets.
+
+    The gate (:mod:`codistill.gate`, ``settings.teacher.gate``, superiority by default)
+    compares per-query MRR@10 of candidate and incumbent on the same lists with a
+    seeded paired bootstrap: on valid (superiority: the lower bound must be > 0;
+    non-inferiority: > -tolerance) and on every built guard set (``data.guard_sets``;
+    the bound must be > -tolerance), so a candidate that buys valid MRR with
+    generalization is not promoted. The decision, listing every set, is stored on the
+    candidate's card, which is kept (never made current) when it is rejected; the
+    candidate becomes the current teacher iff the gate promotes it.
+    """
+    from codistill.gate import decide
+
+    reg = teacher_registry(settings)
+    decision = decide({name: (new[name][1], old[name][1]) for name in old},
                       settings.teacher.gate).to_json()
-    card = reg.load(card.teacher_version)
+    card = reg.load(candidate)
     card.gate = decision
     reg.save(card)
     if decision["promote"]:
-        reg.set_current(card.teacher_version)
+        reg.set_current(candidate)
     return {
-        "previous": old_version,
-        "candidate": card.teacher_version,
+        "previous": incumbent,
+        "candidate": candidate,
         "promoted": decision["promote"],
         "current": reg.current_version(),
         "valid_mrr@10_previous": old["valid"][0]["mrr@10"],
         "valid_mrr@10_candidate": new["valid"][0]["mrr@10"],
         "guards": {name: {"mrr@10_previous": old[name][0]["mrr@10"],
                           "mrr@10_candidate": new[name][0]["mrr@10"]}
-                   for name in sets if name != "valid"},
+                   for name in old if name != "valid"},
         "gate": decision,
-        "train": result.summary(),
     }
+
+
+def train_and_promote(settings: Settings, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune the current teacher; promote the result only if the gate says it is
+    better (:func:`gate_and_promote`, superiority by default: the valid lower bound must
+    be > 0)."""
+    reg = teacher_registry(settings)
+    old_version = ensure_current(settings)
+    train = read_split(settings, "train")
+    sets = gate_sets(settings)
+    teacher = open_teacher(settings, old_version, progress)
+    old = judge_teacher(settings, teacher, sets)
+    cfg = settings.teacher.train
+    result = finetune(teacher, make_triples(train, cfg.hard_negatives, cfg.seed), cfg, progress)
+    card = save_finetuned(teacher, reg, cfg, manifest_data_hash(settings), result)
+    teacher.card = card  # the cache is keyed by version: evaluate as the new teacher
+    new = judge_teacher(settings, teacher, sets)
+    return {**gate_and_promote(settings, card.teacher_version, old_version, new, old),
+            "train": result.summary()}
+
+
+def promote_version(settings: Settings, spec: str, progress: bool = True,
+                    force: bool = False) -> dict[str, Any]:
+    """Promote a registered teacher (``minilm``, ``mpnet``, a ``teacher add`` name or a
+    version id, resolved like ``teacher evaluate --teacher``) over the current one iff
+    the gate says so (:func:`gate_and_promote`, the same rule as ``teacher train``);
+    ``force`` (a rollback) makes it current whatever the gate decided (``forced``).
+
+    Only the teacher registry's *current* pointer moves; the store keeps serving the
+    old version until ``teacher precompute`` has written the new one completely.
+
+    Raises
+    ------
+    ValueError
+        When the candidate is the current teacher already.
+    FileNotFoundError
+        For an unknown version or data that was not built.
+    """
+    incumbent = ensure_current(settings)
+    candidate = resolve_version(settings, spec)
+    if candidate == incumbent:
+        raise ValueError(f"{spec} is teacher {candidate}, the current teacher already: "
+                         "nothing to promote (see `codistill teacher list`)")
+    sets = gate_sets(settings)
+    old = judge_teacher(settings, open_teacher(settings, incumbent, progress), sets)
+    new = judge_teacher(settings, open_teacher(settings, candidate, progress), sets)
+    result = gate_and_promote(settings, candidate, incumbent, new, old)
+    result["forced"] = force and not result["promoted"]
+    if result["forced"]:
+        teacher_registry(settings).set_current(candidate)
+        result["current"] = candidate
+    return result
 
 
 def precompute_version(
