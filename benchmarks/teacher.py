@@ -56,7 +56,6 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from benchmarks.common import machine, write_result  # noqa: E402
-from codistill import metrics  # noqa: E402
 from codistill.config import Settings, load_settings  # noqa: E402
 from codistill.fsio import atomic_write_json  # noqa: E402
 from codistill.gate import GateConfig, decide  # noqa: E402
@@ -66,7 +65,6 @@ from tasks import dataset as ds  # noqa: E402
 from tasks.build import build_dataset  # noqa: E402
 from teacher import workflow as wf  # noqa: E402
 from teacher.cache import EmbeddingCache  # noqa: E402
-from teacher.evaluate import score_examples  # noqa: E402
 from teacher.model import Teacher  # noqa: E402
 from teacher.precompute import precompute  # noqa: E402
 
@@ -192,19 +190,15 @@ def throughput(s: Settings, version: str, sample: list[RankingExample]) -> dict:
             "precompute_share_of_raw": round(raw_s / pre, 4)}
 
 
-def evaluate_sets(s: Settings, version: str, sets: dict[str, list[RankingExample]]) -> tuple[dict, dict]:
-    teacher = wf.open_teacher(s, version, progress=True)
-    summary, per_query = {}, {}
-    for name, examples in sets.items():
-        scores = score_examples(teacher, examples)
-        labels = [ex.labels for ex in examples]
-        summary[name] = metrics.evaluate(scores, labels)
-        per_query[name] = [round(float(v), 6) for v in
-                           metrics.per_query(scores, labels, ("mrr@10",))["mrr@10"]]
-    return summary, per_query
+def evaluate_sets(s: Settings, version: str, sets: dict[str, tuple[list[RankingExample], str]]
+                  ) -> tuple[dict, dict]:
+    """Metrics and per-query MRR@10 per set: the promotion gate's own scoring."""
+    judged = wf.judge_teacher(s, wf.open_teacher(s, version, progress=True), sets)
+    return ({name: m for name, (m, _) in judged.items()},
+            {name: [round(float(v), 6) for v in pq] for name, (_, pq) in judged.items()})
 
 
-def run_cell(base: Settings, cell: Cell, sets: dict[str, list[RankingExample]],
+def run_cell(base: Settings, cell: Cell, sets: dict[str, tuple[list[RankingExample], str]],
              sample: list[RankingExample], precompute_texts: int) -> dict:
     wall, cpu = time.perf_counter(), cpu_seconds()
     s = cell.settings(base)
@@ -290,9 +284,9 @@ def main() -> None:
         grid.insert(0, Cell.parse(DEFAULT_CELL))  # the choice is judged against it
     manifest = build_dataset(settings.data, settings.data_dir, settings.download_dir, progress=True)
     splits = {sp: ds.read_split(settings, sp) for sp in ds.SPLITS}
-    sets = {"valid": splits["valid"], **{n: ex for n, (ex, _) in wf.guard_sets(settings).items()}}
+    sets = wf.gate_sets(settings)  # valid and every built guard set, as the gate judges them
     sample = sample_examples(splits["valid"], 16 if args.quick else 64)
-    everything = [*splits.values(), *(ex for n, ex in sets.items() if n != "valid")]
+    everything = [*splits.values(), *(ex for n, (ex, _) in sets.items() if n != "valid")]
     precompute_texts = (len({c for exs in everything for ex in exs for c in ex.candidate_ids})
                         + sum(len(exs) for exs in everything))
 
