@@ -60,6 +60,7 @@ from codistill.config import Settings, load_settings  # noqa: E402
 from codistill.fsio import atomic_write_json  # noqa: E402
 from codistill.gate import GateConfig, decide  # noqa: E402
 from codistill.ranking import RankingExample  # noqa: E402
+from codistill.text import evaluate_bm25  # noqa: E402
 from stores import open_store  # noqa: E402
 from tasks import dataset as ds  # noqa: E402
 from tasks.build import build_dataset  # noqa: E402
@@ -329,7 +330,9 @@ def main() -> None:
                                          splits["test"], ds.metric_label(settings, "test"))
     reg.set_current(chosen["teacher_version"])  # benchmarks/student.py distils from it
 
+    bm25 = {name: evaluate_bm25(ex) for name, (ex, _) in {**sets, "test": (splits["test"], "")}.items()}
     result = {"machine": machine(), "size": size, "quick": args.quick, "data": manifest,
+              "bm25": bm25,  # on the same lists: the floor every teacher should clear
               "recipes": RECIPES, "gate": settings.teacher.gate.model_dump(),
               "precompute_texts": precompute_texts,
               "cells": {n: {k: v for k, v in c.items() if k != "per_query_mrr@10"}
@@ -374,6 +377,8 @@ def print_table(result: dict, set_names: list[str]) -> None:
                   title=f"teachers ({result['size']}; gate: {result['gate']['mode']}; * = chosen)")
     for row in table_rows(result, set_names):
         table.add_row(*row)
+    table.add_row("BM25 (same lists)", *(f"{result['bm25'][n]['mrr@10']:.4f} / "
+                                         f"{result['bm25'][n]['ndcg@10']:.4f}" for n in set_names))
     console.print(table)
 
 
@@ -381,6 +386,9 @@ def markdown_table(result: dict, set_names: list[str]) -> str:
     head = ["cell", *(f"{n} MRR@10 / NDCG@10" for n in set_names), *COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(result, set_names)]
+    lines.append("| BM25 (same lists) | " + " | ".join(
+        f"{result['bm25'][n]['mrr@10']:.4f} / {result['bm25'][n]['ndcg@10']:.4f}"
+        for n in set_names) + " |" * (len(COLUMNS) + 1))
     return "\n".join(lines)
 
 

@@ -80,6 +80,8 @@ def test_quick_run_writes_every_cell_and_resumes_from_the_cache(tmp_path: Path) 
     assert choice["chosen"] in first["cells"] and choice["why"]
     assert set(choice["verdicts"]) == set(bench.QUICK_GRID) - {bench.DEFAULT_CELL}
     assert set(first["test"]) >= {bench.DEFAULT_CELL, choice["chosen"]}
+    assert set(first["bm25"]) == {"valid", "test", *guards}  # the floor, on the same lists
+    assert all(0.0 < m["mrr@10"] < 1.0 for m in first["bm25"].values())
     chosen_version = first["cells"][choice["chosen"]]["teacher_version"]
     assert json.loads((home / "teachers" / "current.json").read_text())["teacher_version"] == chosen_version
 
