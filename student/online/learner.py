@@ -55,11 +55,16 @@ class JoinedBatch:
         Soft-label record per query id (None: the teacher has no record for it).
     texts
         Candidate text per candidate id (None: the store has no text for it).
+    embedded
+        For a student without a candidate tower: whether its candidate source holds
+        each candidate's vector (False: dropped from its rows like a text miss, and
+        counted as ``embedding_misses``). None: not checked (a tower needs no vector).
     """
 
     ready: list[JoinedImpression]
     labels: Mapping[str, SoftLabelRecord | None] = field(default_factory=dict)
     texts: Mapping[str, str | None] = field(default_factory=dict)
+    embedded: Mapping[str, bool] | None = None
 
     @classmethod
     def fetch(
@@ -67,6 +72,7 @@ class JoinedBatch:
         ready: Sequence[JoinedImpression],
         get_labels: Callable[[list[str]], Sequence[SoftLabelRecord | None]],
         get_texts: Callable[[list[str]], Sequence[str | None]],
+        has_embeddings: Callable[[list[str]], Sequence[bool]] | None = None,
     ) -> JoinedBatch:
         """Join ``ready`` with one batched label fetch and one batched text fetch.
 
@@ -78,6 +84,9 @@ class JoinedBatch:
             Query ids -> their records (None where missing), in order; called first.
         get_texts
             Candidate ids -> their texts (None where missing), in order.
+        has_embeddings
+            Candidate ids -> whether the student's candidate source has their vectors
+            (a student without a candidate tower); None: not checked.
 
         Returns
         -------
@@ -86,8 +95,18 @@ class JoinedBatch:
         qids, cids = needed_ids(ready)
         labels = get_labels(qids)
         texts = get_texts(cids)
+        embedded = None
+        if has_embeddings is not None:
+            found = [bool(ok) for ok in has_embeddings(cids)]
+            embedded = dict(zip(cids, found, strict=True))
         return cls(list(ready), dict(zip(qids, labels, strict=True)),
-                   dict(zip(cids, texts, strict=True)))
+                   dict(zip(cids, texts, strict=True)), embedded)
+
+    def missing_vectors(self) -> list[str]:
+        """Candidates with a text but no vector (:attr:`embedded` False), first-seen order."""
+        if self.embedded is None:
+            return []
+        return [c for c, ok in self.embedded.items() if not ok and self.texts.get(c) is not None]
 
 
 @dataclass
@@ -105,6 +124,9 @@ class LearnStats:
     agreement
         Teacher-student top-1 agreement on the batch's labelled rows, before the
         step (None when no step was taken or no row had a teacher).
+    embedding_misses
+        Shown candidates dropped because their vector is missing
+        (:attr:`JoinedBatch.embedded`); not in ``batch.text_misses``.
     """
 
     batch: BatchStats
@@ -113,6 +135,7 @@ class LearnStats:
     kd: float | None = None
     feedback: float | None = None
     agreement: float | None = None
+    embedding_misses: int = 0
 
 
 class OnlineLearner:
@@ -211,9 +234,21 @@ class OnlineLearner:
         LearnStats
             The batch statistics, whether a step was taken, its loss parts and the
             pre-step agreement.
+
+        Raises
+        ------
+        student.asym.MissingCandidateError
+            When a student without a candidate tower meets a candidate its source
+            lacks and ``batch.embedded`` did not say so (not checked, or the vector
+            vanished after the check).
         """
-        tb = build_batch(batch.ready, batch.labels, batch.texts)
-        stats = LearnStats(tb.stats)
+        texts, missing = batch.texts, set(batch.missing_vectors())
+        if missing:  # dropped from their rows exactly like a candidate without a text
+            texts = {c: None if c in missing else t for c, t in texts.items()}
+        tb = build_batch(batch.ready, batch.labels, texts)
+        misses = sum(c in missing for j in batch.ready for c in j.impression.candidate_ids)
+        tb.stats.text_misses -= misses
+        stats = LearnStats(tb.stats, embedding_misses=misses)
         if not len(tb):
             return stats
         self.student.train()

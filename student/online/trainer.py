@@ -29,6 +29,7 @@ from streaming import open_stream
 from streaming.base import EventStream, Record
 from streaming.dlq import DeadLetterQueue
 from streaming.join import JoinedImpression, Joiner
+from student.asym import MissingCandidateError
 from student.base import Student
 from student.online.batching import CachingTokenizer
 from student.online.bootstrap import (
@@ -320,9 +321,22 @@ class OnlineTrainer:
                                          lambda: self.store.get_labels(self.version, qids,
                                                                          max_seq=seq)),
                 lambda cids: self._retry("store", "get_texts",
-                                         lambda: self.store.get_texts(cids)))
+                                         lambda: self.store.get_texts(cids)),
+                None if self.student.has_candidate_tower else  # scored by stored vectors
+                lambda cids: self._retry("store", "has_embeddings",
+                                         lambda: self.store.has_embeddings(
+                                             self.version, cids, max_seq=seq)))
+        if missing := batch.missing_vectors():  # validated when read, gone since
+            log.warning("batch %d: %d candidates have no vector for teacher %s in %s "
+                        "(dropped from their rows, counted as embedding_misses): %s",
+                        self.state.batches + 1, len(missing), self.version,
+                        self.store.describe(), ", ".join(missing[:5]))
         with self._timed("step"):
-            stats = self.learner.learn_many(batch)
+            try:
+                stats = self.learner.learn_many(batch)
+            except MissingCandidateError as exc:  # deleted between the check and the read
+                raise TrainerError(f"batch {self.state.batches + 1} of trainer "
+                                   f"{self.cfg.name!r}: {exc.args[0] if exc.args else exc}") from exc
             self._record(stats)
 
     def _record(self, stats: LearnStats) -> None:
@@ -331,6 +345,7 @@ class OnlineTrainer:
         for name in ("label_hits", "label_misses", "label_misaligned", "text_misses", "clicks"):
             self._count(name, getattr(s, name))
         self._count("skipped_impressions", s.skipped)
+        self._count("embedding_misses", stats.embedding_misses)
         self._count("rows", s.rows)
         self.metrics.label_hits.inc(s.label_hits)
         self.metrics.label_misses.inc(s.label_misses + s.label_misaligned)
