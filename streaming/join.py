@@ -240,6 +240,52 @@ class Joiner:
         wm = None if lane is None else lane.watermark()
         return None if wm is None else _EPOCH + wm * _US
 
+    def watermarks_us(self) -> dict[int, int | None]:
+        """Each partition's watermark in exact integer microseconds since the epoch.
+
+        Only partitions the joiner has seen (an event, or :meth:`advance_to`); None
+        for one without an event time yet. The integer form is what a caller that
+        records watermarks (the online trainer's plan) compares and stores, with no
+        datetime or float rounding.
+        """
+        return {p: lane.watermark() for p, lane in self._lanes.items()}
+
+    def advance_to(self, partition: int, watermark_us: int) -> None:
+        """Raise ``partition``'s watermark to ``watermark_us`` and close the windows it passes.
+
+        A partition's watermark moves only with its own events, so on a partition
+        that has gone *idle* (no traffic) the impressions already there would wait
+        forever for their windows to close. A caller that knows the partition is
+        idle - the online trainer, once it has had nothing waiting there for
+        ``max_batch_wait_s`` - raises its watermark to the busy partitions' minimum
+        (Flink's idleness). The advance is recorded as the partition's latest event
+        time (``watermark_us + allowed_lateness``), so :meth:`state` carries it like
+        an event-driven advance, and events arriving there later below it are late.
+        A watermark already at or past ``watermark_us`` is left as it is (never lowered).
+
+        Parameters
+        ----------
+        partition
+            The partition (a new one is created, as by :meth:`add`).
+        watermark_us
+            The new watermark, integer microseconds since the epoch.
+
+        Examples
+        --------
+        >>> j = Joiner(window_s=10, allowed_lateness_s=2)
+        >>> j.advance_to(3, 5_000_000)
+        >>> j.watermark(3)
+        datetime.datetime(1970, 1, 1, 0, 0, 5, tzinfo=datetime.timezone.utc)
+        >>> j.advance_to(3, 1_000_000)  # never lowered
+        >>> j.watermarks_us()
+        {3: 5000000}
+        """
+        lane = self._lane(partition)
+        wanted = watermark_us + self._lateness
+        if lane.max_time is None or lane.max_time < wanted:
+            lane.max_time = wanted
+            lane.advance()
+
     @property
     def pending(self) -> int:
         """Impressions waiting for their window to close (all partitions)."""

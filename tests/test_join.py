@@ -242,3 +242,28 @@ def test_partitions_have_their_own_watermark() -> None:
                 single.add(e)
     single.flush()
     assert single.counters["late_impressions"] > 100
+
+
+def test_advance_to_closes_an_idle_partitions_windows_and_is_checkpointed() -> None:
+    """An idle partition's watermark is raised from outside; it never goes down."""
+    j = Joiner(window_s=10, allowed_lateness_s=2)
+    j.add(imp("r1", 0), partition=1)
+    j.add(imp("r2", 100), partition=0)  # a busy partition's clock does not close partition 1
+    assert j.pop_ready() == [] and j.pending == 2
+    wm = j.watermarks_us()[0]
+    assert wm is not None and j.watermarks_us() == {0: wm, 1: wm - 100_000_000}
+    j.advance_to(1, 5_000_000 + wm - 100_000_000)  # T0 + 5 s: window [0, 10] still open
+    assert j.pop_ready() == []
+    restored = Joiner.from_state(json.loads(json.dumps(j.state())))
+    for joiner in (j, restored):
+        joiner.advance_to(1, wm)
+        assert summary(joiner.pop_ready()) == [("r1", [])]
+        assert joiner.watermark(1) == T0 + timedelta(seconds=98)
+        joiner.advance_to(1, wm - 50_000_000)  # lower: ignored
+        assert joiner.watermark(1) == T0 + timedelta(seconds=98)
+        joiner.add(imp("r3", 50), partition=1)  # its window closed before it came: late
+        joiner.add(fb("r1", 1), partition=1)  # r1 is long closed and forgotten: an orphan
+        assert joiner.counters["late_impressions"] == 1
+        assert joiner.counters["orphan_feedback"] == 1 and joiner.pop_ready() == []
+    j.advance_to(7, wm)  # a partition never seen: created with that watermark
+    assert j.watermark(7) == j.watermark(0) and j.state()["lanes"]["7"]["pending"] == []

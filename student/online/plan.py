@@ -201,22 +201,17 @@ def watermarks_us(joiner: Joiner, partitions: Iterable[int]) -> dict[int, int | 
 
     Partitions the joiner has never seen are left out (nothing to close there).
     """
-    lanes = joiner._lanes  # noqa: SLF001 - the joiner has no public watermark-in-us reader
-    return {p: lanes[p].watermark() for p in partitions if p in lanes}
+    seen = joiner.watermarks_us()
+    return {p: seen[p] for p in partitions if p in seen}
 
 
 def advance_watermark(joiner: Joiner, partition: int, watermark_us: int) -> None:
     """Raise ``partition``'s join watermark to ``watermark_us`` and close what it passes.
 
-    The joiner derives a lane's watermark from the latest event time it saw, so the
-    lane's ``max_time`` is raised to ``watermark + allowed_lateness``; it is saved in
-    the joiner's checkpoint state like any event-driven advance.
+    :meth:`~streaming.join.Joiner.advance_to`: the advance is saved in the joiner's
+    checkpoint state like any event-driven one, and never lowers a watermark.
     """
-    lane = joiner._lane(partition)  # noqa: SLF001 - no public idle-advance hook in Joiner
-    wanted = watermark_us + joiner._lateness  # noqa: SLF001
-    if lane.max_time is None or lane.max_time < wanted:
-        lane.max_time = wanted
-        lane.advance()
+    joiner.advance_to(partition, watermark_us)
 
 
 def check_coverage(entries: Iterable[PlanEntry], starts: Mapping[int, int] | None = None
