@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from stores import open_store
@@ -60,6 +61,43 @@ with open_stream(settings.resolved_stream()) as stream:
 
 LIVE = {"name": "crashy", "batch_size": 16, "checkpoint_every": 3, "poll_interval_s": 0.05,
         "max_batch_wait_s": 0.2, **SMALL}
+TRICKLE = 5  # records per append of the last phase: always fewer than a batch
+
+
+def _planned(plan: Path) -> dict[str, int]:
+    """The next offset the plan reaches on each partition it has an entry for."""
+    covered = check_coverage(PlanLog(plan).entries())
+    return {str(p): nxt for p, (_, nxt) in covered.items()}
+
+
+def _trickle_to_a_caught_up_trainer(settings, plan: Path, log: Path) -> None:
+    """A live trainer that has applied the whole log, then a few records at a time.
+
+    The SIGKILLs above run while the producer is ahead, and a loaded machine may
+    never catch up with it: then no batch is cut by ``max_batch_wait_s`` before the
+    log's end. Here each append waits until the plan covers everything appended so
+    far, so the trainer is caught up when the next few (fewer than ``batch_size``)
+    arrive: only an expired wait can take them, and the next append lands behind
+    that partial batch. It waits on the plan, not the clock, so a slow machine
+    only makes it slower. The trainer is SIGKILLed at the end, while it waits.
+    """
+    topic = settings.stream.topic
+    trickle = make_stream(tiny_corpus(), 12, seed=33,
+                          start=datetime(2026, 1, 1, 2, tzinfo=UTC)).messages
+    proc = start_trainer(settings, LIVE, log_path=log)
+    try:
+        with open_stream(settings.resolved_stream()) as stream:
+            for i in range(0, len(trickle) + TRICKLE, TRICKLE):  # first: catch up
+                for m in trickle[i - TRICKLE:i]:
+                    stream.send(topic, m.key, m.value)
+                stream.flush()
+                ends = {p: o for p, o in end_offsets(stream, topic).items() if o}
+                assert wait_for(lambda e=ends: proc.poll() is not None or _planned(plan) == e,
+                                timeout=120) and proc.poll() is None, (
+                    f"the plan reached {_planned(plan)}, not {ends}: {log.read_text()[-3000:]}")
+    finally:
+        proc.kill()
+        finish(proc, log)
 
 
 def _run_killed(settings, crash_at: str, log: Path) -> None:
@@ -102,13 +140,15 @@ def test_sigkills_under_a_live_producer_match_a_fresh_replay_of_the_plan(tmp_pat
             finish(proc, log)
     finally:
         assert producer.wait(120) == 0
-    # the producer is done: one last run to the end of the log (it replays what is pending)
+    plan = tmp_path / "online" / "crashy" / "checkpoints-plan"
+    _trickle_to_a_caught_up_trainer(settings, plan, log)
+    # nothing is written any more: one last run to the end of the log (it replays what
+    # is pending)
     final, _ = run_in_process(settings, **{**LIVE, "until_end": True})
     with open_stream(settings.resolved_stream()) as stream:
         ends = end_offsets(stream, topic)
     assert final["offsets"] == ends and final["resumed_from"] is not None
 
-    plan = tmp_path / "online" / "crashy" / "checkpoints-plan"
     entries = PlanLog(plan).entries()
     assert len(entries) == final["batches"]
     covered = check_coverage(entries, starts={int(p): 0 for p in ends})
