@@ -20,7 +20,7 @@ sequence length, zero-shot (``zs``) or fine-tuned with one recipe of ``RECIPES``
   cold embedding cache (a fine-tuned cell's judging of its zero-shot base reads the
   zero-shot cell's cached embeddings, as a user's run would).
 
-A finished cell is ``HOME/bench-cells/<cell>.json``, keyed by everything that
+A finished cell is ``HOME/bench-cells/<size>/<cell>.json``, keyed by everything that
 changes its numbers (data and guard hashes, recipe, sample): a rerun skips it and an
 interrupted run resumes at the next cell. A GPU, when torch sees one, runs the cells.
 
@@ -291,7 +291,7 @@ def main() -> None:
     precompute_texts = (len({c for exs in everything for ex in exs for c in ex.candidate_ids})
                         + sum(len(exs) for exs in everything))
 
-    cell_dir = settings.home / "bench-cells"
+    cell_dir = settings.home / "bench-cells" / size  # one home can hold several sizes
     cells: dict[str, dict] = {}
     missing: list[str] = []
     for cell in grid:
