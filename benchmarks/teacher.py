@@ -337,8 +337,9 @@ def main() -> None:
               "precompute_texts": precompute_texts,
               "cells": {n: {k: v for k, v in c.items() if k != "per_query_mrr@10"}
                         for n, c in cells.items()},
-              "not_run": missing + [n for n in (QUICK_GRID if args.quick else GRID)
-                                    if n not in cells and n not in missing],
+              "not_run": [c.name for c in grid if c.name not in cells],  # of those asked for
+              "default_grid_not_run": [n for n in (QUICK_GRID if args.quick else GRID)
+                                       if n not in cells],
               "choice": choice, "test": test}
     path = write_result("teacher-quick" if args.quick else f"teacher-{size}", result, args.out)
     print_table(result, list(sets))
@@ -349,6 +350,9 @@ def main() -> None:
                   f"(default {test[DEFAULT_CELL]['mrr@10']:.4f}). Written {path}")
     if result["not_run"]:
         console.print(f"not run yet (resume with the same command): {', '.join(result['not_run'])}")
+    elif result["default_grid_not_run"]:
+        console.print("cells of the default grid not run at this size: "
+                      + ", ".join(result["default_grid_not_run"]))
 
 
 COLUMNS = ("encode texts/s", "precompute / raw", "precompute all (proj.)", "CPU s", "gate")
