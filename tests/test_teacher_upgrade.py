@@ -4,9 +4,8 @@ data with the embedded store and event log.
 v1 (MiniLM reading 16 subwords) is current and precomputed; a student is distilled on
 it and a trainer (a real ``codistill student online`` process) trains on it live. v2,
 the same model reading 24 subwords, goes through the gate: on small's 60 valid queries
-its gain (+0.036 MRR@10, measured) is not significant, so the default superiority rule
-rejects it (exit 1), and non-inferiority with a 0.06 tolerance promotes it (one-sided
-lower bounds measured: valid -0.024, prose guard -0.039). Then it is precomputed:
+its gain is not significant, so the default superiority rule rejects it (exit 1), and
+non-inferiority with a 0.06 tolerance promotes it. Then it is precomputed:
 while it is written the store's current stays v1 and readers get v1. A rollback to v1
 (``teacher promote V1 --force``, ``teacher precompute``) and forward again re-encodes
 nothing while v1 is still held.
@@ -16,7 +15,7 @@ trains on v2 labels. Once the old trainer has stopped and the old student is
 deleted, v1 expires (``store.ttl_s`` = 1 s) and v2 stays.
 
 Both teachers read few subwords so that their encodings (gate and precompute share one
-embedding cache) stay cheap: ~2,100 candidate texts and 380 queries each on small.
+embedding cache) stay cheap on the small data.
 """
 
 from __future__ import annotations
@@ -59,8 +58,8 @@ TRAINER = ["--batch-size", "16", "--checkpoint-every", "2", "--lr", "1e-4"]
 
 class Cli:
     """``codistill --home HOME -q ...`` in-process, with ``CODISTILL_DATA__SIZE=small``, one
-    torch thread (on a shared machine two spin against other jobs: measured 3x slower
-    encoding) and lines wide enough that rich wraps no table cell or message."""
+    torch thread (on a shared machine two threads spin against other jobs) and lines wide
+    enough that rich wraps no table cell or message."""
 
     def __init__(self, home: Path) -> None:
         self.home = home
