@@ -1,6 +1,9 @@
 """Interaction events and the stream they travel on (embedded log or Kafka).
 
 ``open_stream(settings)`` picks the backend from ``StreamSettings.backend``.
+Readers accept every version in ``SUPPORTED_SCHEMA_VERSIONS`` (1 and 2, see
+:mod:`streaming.events`); writers emit 1 unless asked for 2, so a new version is
+read everywhere before anything writes it.
 """
 
 from __future__ import annotations
@@ -18,13 +21,21 @@ from streaming.base import (
     StreamUnavailable,
     UnknownTopic,
 )
-from streaming.events import Event, Feedback, Impression, InvalidEvent, parse_event
+from streaming.events import (
+    SUPPORTED_SCHEMA_VERSIONS,
+    Event,
+    Feedback,
+    Impression,
+    InvalidEvent,
+    parse_event,
+)
 from streaming.partitioner import partition_for
 
 if TYPE_CHECKING:
     from codistill.config import StreamSettings
 
 __all__ = [
+    "SUPPORTED_SCHEMA_VERSIONS",
     "Event",
     "EventProducer",
     "EventReader",

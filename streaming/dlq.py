@@ -7,6 +7,11 @@ so it can be inspected and replayed after a fix. The Prometheus counter
 (``bad_json``, ``schema``, ``unsupported_version``, ``unknown_candidate``), a
 small fixed set; the free-text reason goes in the envelope only, because label
 values must not be unbounded.
+
+Schema versions 1 and 2 are validated alike (:mod:`streaming.events`), except that
+the candidate-store check skips a v2 impression's ``unknown_candidate_ids``: the
+server declared it ranked them without a teacher vector, so their absence from the
+store is expected, not a bad message. Its other candidates are still checked.
 """
 
 from __future__ import annotations
@@ -54,8 +59,10 @@ def validate(record: Record | bytes, known_candidates: KnownCandidates | None = 
     """Parse a message and check its candidate ids against the candidate store.
 
     Returns the event, or a :class:`Rejection` for invalid input (never raises for
-    it). ``known_candidates(ids) -> mask`` is the store lookup; a failure *of the
-    store* propagates, because a store outage must not send valid events to the DLQ.
+    it). ``known_candidates(ids) -> mask`` is the store lookup (never called with
+    no ids); a failure *of the store* propagates, because a store outage must not
+    send valid events to the DLQ. Ids an impression declares in
+    ``unknown_candidate_ids`` are not looked up.
     """
     raw = record.value if isinstance(record, Record) else record
     try:
@@ -63,7 +70,13 @@ def validate(record: Record | bytes, known_candidates: KnownCandidates | None = 
     except InvalidEvent as exc:
         return Rejection(exc.code, exc.reason)
     if known_candidates is not None:
-        ids = event.candidate_ids if isinstance(event, Impression) else [event.candidate_id]
+        if isinstance(event, Impression):
+            declared = set(event.unknown_candidate_ids)
+            ids = [c for c in event.candidate_ids if c not in declared]
+        else:
+            ids = [event.candidate_id]
+        if not ids:
+            return event
         mask = np.asarray(known_candidates(list(ids)), dtype=bool)
         if mask.shape != (len(ids),):
             raise ValueError(f"known_candidates returned shape {mask.shape} for {len(ids)} ids")

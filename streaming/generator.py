@@ -13,18 +13,38 @@ random delay, so the stream is out of order, as a real one is. Optionally the
 stream is salted with malformed messages (bad JSON, a missing field, an unknown
 candidate id). Everything is drawn from one ``random.Random(seed)``: the same
 inputs and seed give the same bytes.
+
+``schema_version=2`` emits v2 events (feedback differs only in its version); the
+impressions carry ``propensities``, the exact probability that the noisy ranker
+shows each item at its rank (the logging policy's marginal, what an off-policy
+estimator divides by; not the click model's examination probability, which the
+learner derives from the rank). They are computed, not drawn, so a v2 stream is
+the v1 stream with the field added (salted streams aside: v2 can also break a
+propensity). The default (v1) output is byte-identical to that of the generator
+before schema version 2.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from streaming.events import BAD_JSON, SCHEMA, UNKNOWN_CANDIDATE, Event, Feedback, Impression
+import numpy as np
+
+from streaming.events import (
+    BAD_JSON,
+    SCHEMA,
+    SUPPORTED_SCHEMA_VERSIONS,
+    UNKNOWN_CANDIDATE,
+    Event,
+    Feedback,
+    Impression,
+)
 
 VALID = "valid"
 
@@ -87,6 +107,7 @@ def generate_stream(
     max_delivery_delay_s: float = 5.0,
     malformed_rate: float = 0.0,
     model_version: str = "student-v0",
+    schema_version: int = 1,
 ) -> GeneratedStream:
     """Simulate ``n_requests`` searches over ``queries`` (sampled uniformly).
 
@@ -94,25 +115,39 @@ def generate_stream(
     ranker), top ``max_shown``. Feedback happens within ``max_feedback_delay_s`` of
     its impression; each message is delivered up to ``max_delivery_delay_s`` after
     its event time. ``malformed_rate``: expected malformed messages per valid one.
+    ``schema_version``: of every event, 1 (the default) or 2, which adds impression
+    ``propensities`` (see :func:`rank_propensities`).
     """
     if not queries:
         raise ValueError("queries must not be empty")
     for q in queries:
         if len(q.candidate_ids) != len(q.relevance) or not q.candidate_ids:
             raise ValueError(f"query {q.query_id}: candidate_ids and relevance must match, >= 1")
+    if schema_version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise ValueError(f"schema_version must be one of {sorted(SUPPORTED_SCHEMA_VERSIONS)}")
     rng = random.Random(seed)
     model = click_model or ClickModel()
     timed: list[tuple[datetime, int, Event]] = []
+    marginals: dict[int, dict[str, list[float]]] = {}  # per query index, computed once
     t = start
     for i in range(n_requests):
         t += timedelta(seconds=rng.expovariate(1.0 / mean_interarrival_s))
-        q = queries[rng.randrange(len(queries))]
+        qi = rng.randrange(len(queries))
+        q = queries[qi]
         rel = dict(zip(q.candidate_ids, q.relevance, strict=True))
         order = sorted(q.candidate_ids, key=lambda c: -(rel[c] + rng.gauss(0.0, ranking_noise)))
         shown = order[: max_shown or len(order)]
         rid = f"req-{seed}-{i:07d}"
-        imp = Impression(request_id=rid, query_id=q.query_id, query=q.query,
-                         candidate_ids=shown, model_version=model_version, event_time=t)
+        fields = dict(request_id=rid, query_id=q.query_id, query=q.query,
+                      candidate_ids=shown, model_version=model_version, event_time=t)
+        if schema_version == 1:
+            imp = Impression(**fields)
+        else:
+            if qi not in marginals:
+                table = rank_propensities(q.relevance, ranking_noise, len(shown))
+                marginals[qi] = dict(zip(q.candidate_ids, table, strict=True))
+            props = [marginals[qi][c][r] for r, c in enumerate(shown)]
+            imp = Impression.v2(**fields, propensities=props)
         timed.append((t, len(timed), imp))
         for rank, cid in enumerate(shown, start=1):
             relevant = rel[cid] > 0
@@ -121,14 +156,14 @@ def generate_stream(
             t_click = t + timedelta(seconds=rng.uniform(0.1, max_feedback_delay_s / 2))
             dwell = round(rng.expovariate(1 / 20000.0), 1)
             timed.append((t_click, len(timed), Feedback(
-                request_id=rid, candidate_id=cid, action="click", position=rank,
-                dwell_ms=dwell, event_time=t_click)))
+                schema_version=schema_version, request_id=rid, candidate_id=cid,
+                action="click", position=rank, dwell_ms=dwell, event_time=t_click)))
             p_accept = model.p_accept_relevant if relevant else model.p_accept_noise
             if rng.random() < p_accept:
                 t_acc = t_click + timedelta(seconds=rng.uniform(0.1, max_feedback_delay_s / 2))
                 timed.append((t_acc, len(timed), Feedback(
-                    request_id=rid, candidate_id=cid, action="accept", position=rank,
-                    event_time=t_acc)))
+                    schema_version=schema_version, request_id=rid, candidate_id=cid,
+                    action="accept", position=rank, event_time=t_acc)))
 
     messages: list[tuple[datetime, int, Message]] = []
     events: list[tuple[datetime, int, Event]] = []
@@ -153,11 +188,62 @@ def _malformed(ev: Event, rng: random.Random) -> tuple[str, bytes]:
         raw = ev.to_bytes()
         return BAD_JSON, raw[: rng.randrange(1, len(raw) - 1)]
     if kind == SCHEMA:
-        data.pop(rng.choice(["request_id", "event_time", "type"]))
+        has_props = isinstance(ev, Impression) and ev.propensities is not None
+        name = rng.choice(["request_id", "event_time", "type", *(["propensities"] * has_props)])
+        if name == "propensities":
+            data[name][rng.randrange(len(data[name]))] = 0.0  # must be > 0
+        else:
+            data.pop(name)
         return SCHEMA, json.dumps(data).encode()
     bogus = f"cunknown{rng.getrandbits(48):012x}"
     if isinstance(ev, Impression):
         data["candidate_ids"] = [*data["candidate_ids"], bogus]
+        for name, extra in (("propensities", 1.0), ("teams", None)):
+            if data.get(name) is not None:  # v2 per-item lists keep their length
+                data[name] = [*data[name], extra]
     else:
         data["candidate_id"] = bogus
     return UNKNOWN_CANDIDATE, json.dumps(data).encode()
+
+
+def rank_propensities(relevance: Sequence[float], noise: float, depth: int,
+                      nodes: int = 96) -> list[list[float]]:
+    """``P[c][r]``: probability that the noisy ranker shows candidate ``c`` at rank ``r + 1``.
+
+    The ranker sorts by ``relevance + noise * Z`` with i.i.d. standard normal ``Z``.
+    Conditioning on candidate ``c``'s own draw ``x``, each other candidate is ranked
+    above it independently with probability ``Phi((rel_j - rel_c) / noise - x)``,
+    so its rank is 1 + a Poisson-binomial count; the count's distribution is
+    integrated over ``x`` by Gauss-Hermite quadrature. Only ranks ``<= depth`` are
+    computed (cost ``O(k^2 * depth * nodes)`` per query, cached by the caller);
+    values are clipped to ``[1e-12, 1]`` so a logged propensity is always valid.
+
+    Examples
+    --------
+    >>> p = rank_propensities([1.0, 0.0], noise=1.0, depth=2)
+    >>> [round(v, 4) for v in p[0]]  # Phi(1 / sqrt(2)) = 0.7602
+    [0.7602, 0.2398]
+    >>> rank_propensities([1.0, 1.0, 0.0], noise=0.0, depth=2)  # ties keep list order
+    [[1.0, 1e-12], [1e-12, 1.0], [1e-12, 1e-12]]
+    """
+    rel = np.asarray(relevance, dtype=np.float64)
+    k, depth = len(rel), min(depth, len(rel))
+    sigma = abs(float(noise))
+    out = np.zeros((k, depth))
+    if sigma == 0.0:  # deterministic: a stable sort by relevance, as the generator's
+        for r, c in enumerate(sorted(range(k), key=lambda c: -rel[c])[:depth]):
+            out[c, r] = 1.0
+    else:
+        x, w = np.polynomial.hermite_e.hermegauss(nodes)
+        w = w / w.sum()
+        phi = np.vectorize(lambda z: 0.5 * math.erfc(-z / math.sqrt(2.0)))
+        for c in range(k):
+            others = np.delete(rel, c)
+            above = phi((others[:, None] - rel[c]) / sigma - x[None, :])  # [k - 1, nodes]
+            dist = np.zeros((nodes, depth))
+            dist[:, 0] = 1.0
+            for p in above:  # add one competitor: P(count = m) for m < depth
+                dist[:, 1:] = dist[:, 1:] * (1.0 - p[:, None]) + dist[:, :-1] * p[:, None]
+                dist[:, 0] *= 1.0 - p
+            out[c] = w @ dist
+    return np.clip(out, 1e-12, 1.0).tolist()

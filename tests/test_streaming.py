@@ -129,7 +129,7 @@ def test_unknown_future_fields_are_ignored() -> None:
         (_feedback_doc(event_time="2026-03-01T12:00:00"), "schema", "event_time"),
         (_feedback_doc(type=...), "schema", "type"),
         (_feedback_doc(type="purchase"), "schema", "type"),
-        (_feedback_doc(schema_version=2), "unsupported_version", "schema_version"),
+        (_feedback_doc(schema_version=3), "unsupported_version", "schema_version"),
         (_feedback_doc(schema_version="1"), "schema", "schema_version"),
         ({"type": "impression", "request_id": "r", "query_id": "q", "query": "x",
           "candidate_ids": [], "model_version": "m", "event_time": "2026-03-01T12:00:00Z"},
