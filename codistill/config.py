@@ -240,6 +240,50 @@ class OnlineTrainerConfig(Section):
     backoff: BackoffConfig = BackoffConfig()
 
 
+class ExportConfig(Section):
+    """``codistill student export``: the checks a bundle must pass before it is written."""
+
+    parity_lists: int | None = Field(None, ge=1, description="valid lists scored by torch and "
+                                     "ONNX Runtime; None = all")
+    max_score_diff: float = Field(1e-3, gt=0, description="largest |torch - ONNX| logit, fp32")
+    tie_eps: float = Field(1e-5, gt=0, description="top-10 swaps allowed between items whose "
+                           "torch scores differ by less than this")
+    int8_max_score_diff: float = Field(1.0, gt=0, description="the same bound for int8 graphs")
+    int8_order_agreement: float = Field(0.9, ge=0, le=1, description="int8: mean top-10 "
+                                        "overlap with torch required")
+    fuzz_strings: int = Field(500, ge=0, description="random strings in the token-parity check")
+    seed: int = 0
+
+
+class ServingSettings(Section):
+    """``codistill serve``: the ONNX Runtime server, its limits and its event output."""
+
+    host: str = Field("127.0.0.1", description="bind address (0.0.0.0 inside a container)")
+    port: int = Field(8000, ge=0, le=65535)
+    threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per session")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    bundle: str | None = Field(None, description="bundle to serve at start; None = the "
+                               "registry's serving pointer, else the newest")
+    max_candidates: int = Field(200, ge=1)
+    max_query_chars: int = Field(2_000, ge=1)
+    max_text_chars: int = Field(20_000, ge=1, description="per candidate text")
+    default_top_k: int = Field(10, ge=1)
+    user_supplied_ids: bool = Field(False, description="ids are user names, not content "
+                                    "hashes: an id and a text that disagree are accepted")
+    vector_cache: int = Field(100_000, ge=0, description="teacher vectors kept in memory")
+    impressions_kept: int = Field(100_000, ge=1, description="served impressions remembered "
+                                  "for /v1/feedback (LRU)")
+    event_queue: int = Field(10_000, ge=1, description="events waiting for the log; more drop")
+    emit_events: bool = True
+    store_unready_after_s: float = Field(30.0, gt=0, description="/readyz false after the "
+                                         "store has failed this long")
+    probe_budget_ms: float = Field(50.0, gt=0, description="a new bundle's query encode must "
+                                   "stay within this before it is swapped in")
+    admin_api_key: str | None = Field(None, description="enables /v1/admin; compared in "
+                                      "constant time")
+    export: ExportConfig = ExportConfig()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CODISTILL_", env_nested_delimiter="__", extra="forbid"
@@ -253,6 +297,7 @@ class Settings(BaseSettings):
     stream: StreamSettings = StreamSettings()
     distill: DistillConfig = DistillConfig()
     online: OnlineTrainerConfig = OnlineTrainerConfig()
+    serving: ServingSettings = ServingSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -294,6 +339,10 @@ class Settings(BaseSettings):
     def download_dir(self) -> Path:
         """Pinned downloads (source wheels) shared by every home: immutable, so safe to share."""
         return Path(os.environ.get("CODISTILL_DOWNLOADS", Path.home() / ".cache" / "codistill"))
+
+    @property
+    def bundles_dir(self) -> Path:
+        return self.home / "bundles"
 
     def resolved_store(self) -> StoreSettings:
         """Store settings with the embedded path filled in from ``home``."""

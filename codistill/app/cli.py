@@ -20,6 +20,7 @@ import typer  # noqa: E402
 
 from codistill import console as cli  # noqa: E402
 from codistill.config import Size  # noqa: E402
+from serving.commands import bundle_app, serve_command  # noqa: E402
 from stores.commands import store_app  # noqa: E402
 from streaming.commands import events_app  # noqa: E402
 from student.commands import student_app  # noqa: E402
@@ -35,6 +36,8 @@ app.add_typer(teacher_app, name="teacher")
 app.add_typer(store_app, name="store")
 app.add_typer(events_app, name="events")
 app.add_typer(student_app, name="student")
+app.add_typer(bundle_app, name="bundle")
+app.command("serve")(serve_command)
 
 
 @app.callback()
@@ -56,6 +59,40 @@ def config_show(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
         import yaml
 
         cli.out.print(yaml.safe_dump(payload, sort_keys=False).rstrip())
+
+
+@student_app.command("export")
+def student_export(
+    student: Annotated[str | None, typer.Argument(help="a saved student (default: current)")] = None,
+    int8: Annotated[bool, typer.Option(help="quantize the graphs to int8 (same checks, "
+                                       "serving.export.int8_* bounds)")] = False,
+    serve: Annotated[bool, typer.Option(help="make it the serving bundle if none is")] = True,
+) -> None:
+    """Export a student as a torch-free ONNX bundle (HOME/bundles), after onnx.checker,
+    token parity and torch-vs-ONNX score parity on the valid lists; pins its teacher."""
+    from codistill.app.export import export_bundle
+    from serving.bundle import BundleError, BundleRegistry
+    from stores import open_configured_store
+    from stores.base import StoreError
+
+    s = cli.settings()
+    store = open_configured_store(s)
+    try:
+        card = export_bundle(s, store, student, precision="int8" if int8 else "fp32",
+                             log=cli.console.print)
+    except (BundleError, FileNotFoundError, StoreError, ValueError, KeyError) as exc:
+        raise cli.fail(exc) from None
+    finally:
+        store.close()
+    registry = BundleRegistry(s.bundles_dir)
+    if serve and registry.pointer().serving is None:
+        registry.set_serving(card.bundle_version)
+    p = card.parity
+    cli.out.print(f"bundle {card.bundle_version} ({card.precision}) from {card.student_version}: "
+                  f"max |torch - onnx| {p['max_score_diff']:.2e}, top-10 order agreement "
+                  f"{p['top10_order_agreement']:.1%} on {p['lists']} valid lists, "
+                  f"{p['token_mismatches']} token mismatches in {p['token_texts']} texts")
+    cli.out.print(str(registry.path(card.bundle_version)))
 
 
 @app.command("demo")

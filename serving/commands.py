@@ -1,0 +1,112 @@
+"""``codistill serve`` and ``codistill bundle ...``: run the server, inspect bundles.
+
+``build_server`` wires the settings to a :class:`serving.app.Server` (store, event log,
+registry, the first bundle loaded, warmed and probed); ``codistill serve`` runs it
+under uvicorn. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from codistill import console as cli
+from codistill.config import Settings
+
+bundle_app = typer.Typer(help="Serving bundles: list, verify, promote.", no_args_is_help=True)
+
+
+def build_server(settings: Settings, *, bundle: str | None = None):  # -> Server
+    """Open the store and event log, load the first bundle; returns the ``Server``."""
+    from serving.app import Server
+    from serving.bundle import BundleRegistry
+    from serving.events_out import EventSink
+    from serving.host import ModelHost
+    from serving.telemetry import ServingMetrics
+    from stores import open_configured_store
+    from streaming import open_stream
+
+    cfg = settings.serving
+    metrics = ServingMetrics()
+    store = open_configured_store(settings)
+    stream = open_stream(settings.resolved_stream()) if cfg.emit_events else None
+    if stream is not None:
+        stream.ensure_topics()
+    registry = BundleRegistry(settings.bundles_dir)
+    host = ModelHost(registry, metrics, store, threads=cfg.threads,
+                     graph_level=cfg.graph_optimization, probe_budget_ms=cfg.probe_budget_ms,
+                     cache_size=cfg.vector_cache,
+                     audit_log=settings.home / "serving" / "audit.jsonl")
+    host.promote(registry.resolve(bundle or cfg.bundle), reason="startup")
+    sink = EventSink(stream, settings.stream.topic, metrics, store, cfg.event_queue)
+    return Server(cfg, host, store, sink, metrics)
+
+
+def serve(settings: Settings, bundle: str | None = None) -> None:
+    import uvicorn
+
+    from serving.app import create_app
+
+    server = build_server(settings, bundle=bundle)
+    cfg = settings.serving
+    cli.console.print(f"serving {server.host.serving.version} on http://{cfg.host}:{cfg.port}"
+                      f" (docs: /docs, metrics: /metrics)")
+    try:
+        uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level="warning",
+                    access_log=False)
+    finally:
+        server.sink.close()
+        if server.store is not None:
+            server.store.close()
+
+
+def serve_command(
+    bundle: Annotated[str | None, typer.Option(help="bundle version, 'serving' or 'latest' "
+                                              "(default: serving.bundle, else the pointer)")] = None,
+    port: Annotated[int | None, typer.Option(help="default serving.port (8000)")] = None,
+    host: Annotated[str | None, typer.Option(help="default serving.host (127.0.0.1)")] = None,
+) -> None:
+    """Serve a bundle over HTTP: POST /v1/rank, /v1/feedback; GET /readyz, /metrics."""
+    from serving.bundle import BundleError
+    from stores.base import StoreError
+    from streaming.base import StreamError
+
+    overrides = {k: v for k, v in (("port", port), ("host", host)) if v is not None}
+    s = cli.settings(serving=overrides) if overrides else cli.settings()
+    try:
+        serve(s, bundle)
+    except (BundleError, StoreError, StreamError, FileNotFoundError) as exc:
+        raise cli.fail(exc) from None
+
+
+@bundle_app.command("list")
+def bundle_list() -> None:
+    """Bundles in HOME/bundles, the serving one starred."""
+    from rich.table import Table
+
+    from serving.bundle import BundleRegistry
+
+    reg = BundleRegistry(cli.settings().bundles_dir)
+    ptr = reg.pointer()
+    table = Table("version", "student", "teacher", "precision", "MB", "valid MRR@10", "created")
+    for v in reg.versions():
+        card = reg.load_card(v)
+        onnx = card.metrics.get("valid (onnx)", {})
+        mb = sum((reg.path(v) / f).stat().st_size for f in card.files) / 1e6
+        mark = "* " if v == ptr.serving else ("- " if v == ptr.previous else "  ")
+        table.add_row(mark + v, card.student_version, card.teacher_version, card.precision,
+                      f"{mb:.1f}", f"{onnx.get('mrr@10', float('nan')):.4f}", card.created_at[:19])
+    cli.out.print(table)
+
+
+@bundle_app.command("verify")
+def bundle_verify(version: Annotated[str, typer.Argument(help="bundle version")]) -> None:
+    """Re-hash every file of a bundle against its card."""
+    from serving.bundle import BundleError, BundleRegistry
+
+    try:
+        card = BundleRegistry(cli.settings().bundles_dir).verify(version)
+    except BundleError as exc:
+        raise cli.fail(exc) from None
+    cli.out.print(f"{version}: {len(card.files)} files match their sha256")

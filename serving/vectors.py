@@ -1,0 +1,134 @@
+"""Candidate vectors for serving: the teacher's stored embeddings through an LRU cache.
+
+An asymmetric student scores queries against the vectors its teacher wrote to the
+store (``teacher precompute``), under that teacher version. A request names up to a
+few hundred candidates, and popular code recurs across requests, so an in-memory LRU
+in front of the store keeps most lookups off the network. When the store is
+unreachable the cache still answers for what it holds and the rest is reported
+missing (the caller encodes those with the bundle's fallback graph): a store outage
+degrades quality for cold candidates, never availability.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+
+from codistill.metrics import evaluate
+from codistill.ranking import RankingExample
+from serving.runtime import OnnxRanker
+from stores.base import CandidateStore, StoreError
+
+
+class VectorCache:
+    """``id -> teacher vector`` of one teacher version, LRU-bounded, store-backed.
+
+    Parameters
+    ----------
+    store : CandidateStore or None
+        Where the vectors live; ``None`` serves from ``put`` only (tests, bundles
+        with a candidate tower).
+    version : str
+        The teacher version (the bundle's ``teacher_version``).
+    capacity : int
+        Vectors kept in memory.
+    """
+
+    def __init__(self, store: CandidateStore | None, version: str, capacity: int = 100_000
+                 ) -> None:
+        self.store, self.version, self.capacity = store, version, capacity
+        self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.store_errors = 0
+        self.last_store_ok: float | None = time.monotonic() if store is not None else None
+        self.last_store_error: float | None = None
+
+    def put(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        with self._lock:
+            for cid, vec in zip(ids, vectors, strict=True):
+                self._lru[cid] = np.asarray(vec, dtype=np.float32)
+                self._lru.move_to_end(cid)
+            while len(self._lru) > self.capacity:
+                self._lru.popitem(last=False)
+
+    def get(self, ids: Sequence[str]) -> tuple[np.ndarray | None, np.ndarray]:
+        """Vectors of ``ids`` (rows of zeros where missing) and a found mask.
+
+        Returns ``(None, all-False)`` when nothing is known (no vector dimension yet).
+        """
+        found = np.zeros(len(ids), dtype=bool)
+        rows: list[np.ndarray | None] = [None] * len(ids)
+        with self._lock:
+            for i, cid in enumerate(ids):
+                vec = self._lru.get(cid)
+                if vec is not None:
+                    self._lru.move_to_end(cid)
+                    rows[i], found[i] = vec, True
+        self.hits += int(found.sum())
+        cold = [i for i in range(len(ids)) if not found[i]]
+        if cold and self.store is not None:
+            cold_ids = [ids[i] for i in cold]
+            try:
+                emb, ok = self.store.get_embeddings(self.version, cold_ids)
+                self.last_store_ok = time.monotonic()
+            except StoreError:
+                self.store_errors += 1
+                self.last_store_error = time.monotonic()
+            else:
+                got = [(i, cid, emb[n]) for n, (i, cid) in enumerate(zip(cold, cold_ids,
+                                                                          strict=True)) if ok[n]]
+                if got:
+                    self.put([cid for _, cid, _ in got], np.stack([v for _, _, v in got]))
+                for i, _, vec in got:
+                    rows[i], found[i] = vec, True
+        self.misses += int((~found).sum())
+        dim = next((r.shape[0] for r in rows if r is not None), None)
+        if dim is None:
+            return None, found
+        out = np.zeros((len(ids), dim), dtype=np.float32)
+        for i, r in enumerate(rows):
+            if r is not None:
+                out[i] = r
+        return out, found
+
+    def store_down_for(self) -> float:
+        """Seconds since the store last answered while it has failed since (0 if fine)."""
+        if self.last_store_error is None or self.last_store_ok is None:
+            return 0.0
+        if self.last_store_ok >= self.last_store_error:
+            return 0.0
+        return time.monotonic() - self.last_store_ok
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+
+def example_scores(ranker: OnnxRanker, vectors: VectorCache | None, ex: RankingExample
+                   ) -> tuple[np.ndarray, int]:
+    """Scores of one ranking list the way the server computes them, and the fallbacks used.
+
+    Candidates come from ``vectors`` by id when the bundle has no candidate tower;
+    those it lacks (and every candidate, with a tower) are encoded from their text.
+    """
+    q = ranker.embed_queries([ex.query])[0]
+    if ranker.card.has_candidate_tower or vectors is None:
+        c = ranker.embed_candidates(ex.candidates)
+        return ranker.scores(q, c), 0 if ranker.card.has_candidate_tower else len(c)
+    c, found = vectors.get(ex.candidate_ids)
+    if c is None:
+        c = np.zeros((len(ex.candidates), ranker.card.embedding_dim), dtype=np.float32)
+    if not found.all():
+        cold = np.flatnonzero(~found)
+        c[cold] = ranker.embed_candidates([ex.candidates[i] for i in cold])
+    return ranker.scores(q, c), int((~found).sum())
+
+
+def evaluate_bundle(ranker: OnnxRanker, vectors: VectorCache | None,
+                    examples: Sequence[RankingExample]) -> dict[str, float]:
+    """MRR@10 / NDCG@10 / Recall@k of a bundle on ranking lists, as served."""
+    scores = [example_scores(ranker, vectors, ex)[0] for ex in examples]
+    return evaluate(scores, [ex.labels for ex in examples])

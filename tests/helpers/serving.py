@@ -1,0 +1,51 @@
+"""A small real home for the serving tests: mined data, MiniLM vectors, two students.
+
+The ``small`` data set cut to 40 / 12 / 12 lists of 8 candidates, the zero-shot
+MiniLM teacher at 64 subwords precomputed into the embedded store, and two students
+distilled for a few epochs: ``asym-bow`` (query tower only, current) and ``bow``
+(both towers). Everything a user's home would hold, minutes smaller.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from codistill.config import DistillConfig, Settings, load_settings
+from codistill.ranking import RankingExample, write_ranking_file
+from student.distill import distill
+from tasks import dataset as ds
+from tasks.build import build_dataset
+from teacher import workflow as wf
+
+SIZES = {"train": 40, "valid": 12, "test": 12}
+PER_LIST = 8
+
+
+def _cut(examples: list[RankingExample], n: int) -> list[RankingExample]:
+    out = []
+    for ex in examples[:n]:
+        keep = [ex.gold_index, *(i for i in range(len(ex.candidates)) if i != ex.gold_index)]
+        keep = list(dict.fromkeys(keep))[:PER_LIST]
+        out.append(ex.model_copy(update={
+            "candidates": [ex.candidates[i] for i in keep],
+            "candidate_ids": [ex.candidate_ids[i] for i in keep],
+            "labels": [ex.labels[i] for i in keep]}))
+    return out
+
+
+def serving_home(home: Path, **overrides: Any) -> tuple[Settings, dict[str, str]]:
+    """Build the home; returns its settings and ``{"asym-bow": version, "bow": version}``."""
+    s = load_settings(home=home, data={"size": "small"}, teacher={"max_seq_length": 64},
+                      **overrides)
+    build_dataset(s.data, s.data_dir, s.download_dir, progress=False)
+    for sp in ds.SPLITS:
+        write_ranking_file(s.data_dir / f"{sp}.jsonl", _cut(ds.read_split(s, sp), SIZES[sp]))
+    version = wf.ensure_current(s)
+    wf.precompute_version(s, version, {sp: ds.read_split(s, sp) for sp in ds.SPLITS}, False)
+    students = {}
+    for kind in ("bow", "asym-bow"):  # asym-bow last: it is current
+        cfg = DistillConfig(student=kind, epochs=3, measure_speed=False, track_valid=False,
+                            init="random" if kind == "bow" else "teacher")
+        students[kind] = distill(s, cfg, progress=False, set_current=True)["student_version"]
+    return s, students
