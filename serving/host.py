@@ -87,7 +87,7 @@ class ModelHost:
             ranker.warm()
             probe = ranker.probe(self.probe_budget_ms)
         except BundleError as exc:
-            self.metrics.load_failures.labels("integrity").inc()
+            self.metrics.load_failures.labels("open").inc()
             self._audit("load", version, ok=False, detail=str(exc))
             raise
         if not probe.ok:

@@ -66,3 +66,11 @@ def teacher(settings):
     from teacher import workflow as wf
 
     return wf.open_teacher(settings, wf.ensure_current(settings), progress=False)
+
+
+@pytest.fixture(scope="session")
+def serving_env(tmp_path_factory: pytest.TempPathFactory):
+    """A small real home with an ``asym-bow`` (current) and a ``bow`` student (shared)."""
+    from tests.helpers.serving import serving_home
+
+    return serving_home(tmp_path_factory.mktemp("serving-home"))

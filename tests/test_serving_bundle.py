@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,14 +22,13 @@ from stores import open_configured_store
 from student.asym import StoreCandidates
 from student.registry import student_registry
 from tasks import dataset as ds
-from tests.helpers.serving import serving_home
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, dict[str, str]]:
-    return serving_home(tmp_path_factory.mktemp("serving-bundle"))
+def home(serving_env) -> tuple[Settings, dict[str, str]]:
+    return serving_env
 
 
 def test_importing_serving_leaves_torch_out() -> None:
@@ -48,11 +48,13 @@ def test_cli_export_checks_publishes_pins_and_is_idempotent(home) -> None:
     from codistill.app.cli import app
 
     s, students = home
+    reg = BundleRegistry(s.bundles_dir)
+    before, serving_before = reg.versions(), reg.pointer().serving
     result = CliRunner().invoke(app, ["--home", str(s.home), "-q", "student", "export"],
                                 env={"CODISTILL_DATA__SIZE": s.data.size})
     assert result.exit_code == 0, result.output
-    reg = BundleRegistry(s.bundles_dir)
-    (version,) = reg.versions()
+    version = re.search(r"^bundle (\S+) \(fp32\)", result.stdout, re.M).group(1)
+    assert set(reg.versions()) == {*before, version}
     card = reg.verify(version)
     assert card.student_version == students["asym-bow"] and not card.has_candidate_tower
     assert set(card.files) == {"query.onnx", "tokenizer.json"}
@@ -60,14 +62,14 @@ def test_cli_export_checks_publishes_pins_and_is_idempotent(home) -> None:
     assert card.parity["top10_order_agreement"] == 1.0
     assert card.parity["lists"] == len(ds.read_split(s, "valid"))
     assert card.parity["token_mismatches"] == 0 and card.parity["token_texts"] > 500
-    assert reg.pointer().serving == version  # the first bundle serves
+    assert reg.pointer().serving == (serving_before or version)  # the first bundle serves
     store = open_configured_store(s)
     try:
         assert PIN_PREFIX + version in store.pins(card.teacher_version)
         again = export_bundle(s, store)  # same student, same bytes: same bundle
     finally:
         store.close()
-    assert again.bundle_version == version and reg.versions() == [version]
+    assert again.bundle_version == version and set(reg.versions()) == {*before, version}
     assert again.created_at == card.created_at  # immutable: the first card stays
 
 
