@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Header, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from codistill.config import ServingSettings
@@ -52,6 +52,7 @@ from serving.schemas import (
     RankedItem,
     RankRequest,
     RankResponse,
+    Readiness,
     VersionRequest,
 )
 from serving.telemetry import ServingMetrics
@@ -59,7 +60,8 @@ from stores.base import CandidateStore, StoreError
 from streaming.events import Feedback, Impression
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": Problem}, 409: {"model": Problem}, 422: {"model": Problem},
+    400: {"model": Problem}, 404: {"model": Problem}, 409: {"model": Problem},
+    422: {"model": Problem},
     503: {"model": Problem}}
 
 
@@ -279,17 +281,17 @@ def create_app(server: Server) -> FastAPI:
     def feedback(req: FeedbackRequest) -> FeedbackResponse:
         return server.feedback(req)
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=dict[str, str])
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"model": Problem}})
+    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
     def readyz() -> JSONResponse:
         ok, detail = server.readiness()
         m.ready.set(1 if ok else 0)
         return JSONResponse({"ready": ok, "detail": detail}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
         m.queue_depth.set(server.sink._q.qsize())
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -86,6 +86,11 @@ class AdminResult(BaseModel):
     detail: str = ""
 
 
+class Readiness(BaseModel):
+    ready: bool
+    detail: str
+
+
 class Problem(BaseModel):
     """Every 4xx body: what was wrong, in one sentence."""
 
