@@ -385,3 +385,33 @@ def test_the_online_trainers_reader_and_batcher_take_v1_and_v2() -> None:
     batch = build_batch(ready, {}, {"a": "def a(): pass", "b": "def b(): pass"})
     assert batch.candidate_ids == [["a", "b"]] and batch.stats.text_misses == 1
     assert batch.clicks.tolist() == [[1.0, 0.0]]
+
+
+def test_a_click_on_a_candidate_the_server_declared_unknown_is_not_dead_lettered() -> None:
+    """The server ranks a new candidate with its fallback and lists it as unknown; a
+    click on it is real feedback. Feedback is checked against its impression (the
+    joiner's ``mismatched_feedback``), not against the store, which lacks the id
+    until the teacher embeds it."""
+    from student.online.reader import validate_records
+
+    class _Producer:
+        sent: list[bytes] = []
+
+        def send(self, topic: str, key: str, value: bytes) -> None:
+            self.sent.append(value)
+
+    events = [imp("r1", 0, version=2, unknown_candidate_ids=["c"]),
+              fb("r1", 1, "c", version=2)]
+    records = [Record("ev", 0, i, e.request_id, e.to_bytes(), 0) for i, e in enumerate(events)]
+    counts: Counter[str] = Counter()
+    dlq = DeadLetterQueue(_Producer(), "ev.dlq", registry=CollectorRegistry())
+    valid = validate_records(records, _Store({"a", "b"}), "t1", dlq,
+                             lambda _kind, _what, fn: fn(),
+                             lambda name, n=1: counts.update({name: n}))
+    assert [type(ev).__name__ for _, ev in valid] == ["Impression", "Feedback"]
+    assert counts["dlq"] == 0 and _Producer.sent == []
+    joiner = Joiner(10, 2)
+    for _, ev in valid:
+        joiner.add(ev)
+    (joined,) = joiner.flush()
+    assert joined.clicked() == [False, False, True]
