@@ -72,6 +72,7 @@ class Served:
     query_id: str
     candidate_ids: tuple[str, ...]
     model_version: str
+    unknown: frozenset[str] = frozenset()  # shown candidates ranked by the fallback
 
 
 class ImpressionMemory:
@@ -205,9 +206,9 @@ class Server:
         if n_fallback:
             m.fallbacks.labels(version).inc(n_fallback)
         qid = query_id(req.query)
-        self.impressions.put(request_id, Served(qid, tuple(shown), version))
+        unknown = [ids[i] for i in order if fallback[i]]
+        self.impressions.put(request_id, Served(qid, tuple(shown), version, frozenset(unknown)))
         if self.cfg.emit_events:
-            unknown = [ids[i] for i in order if fallback[i]]
             imp = Impression.v2(request_id=request_id, query_id=qid, query=req.query,
                                 candidate_ids=shown, model_version=version,
                                 event_time=datetime.now(UTC),
@@ -229,7 +230,8 @@ class Server:
         if self.cfg.emit_events:
             fb = Feedback.v2(request_id=req.request_id, candidate_id=req.candidate_id,
                              action=req.action, position=position, dwell_ms=req.dwell_ms,
-                             event_time=datetime.now(UTC))
+                             event_time=datetime.now(UTC),
+                             unknown_candidate=req.candidate_id in served.unknown)
             self.sink.submit(Outgoing(fb))
         return FeedbackResponse(request_id=req.request_id, candidate_id=req.candidate_id,
                                 position=position)

@@ -62,7 +62,8 @@ def validate(record: Record | bytes, known_candidates: KnownCandidates | None = 
     it). ``known_candidates(ids) -> mask`` is the store lookup (never called with
     no ids); a failure *of the store* propagates, because a store outage must not
     send valid events to the DLQ. Ids an impression declares in
-    ``unknown_candidate_ids`` are not looked up.
+    ``unknown_candidate_ids`` are not looked up, nor is the candidate of feedback
+    that says ``unknown_candidate`` (the server echoes its impression's declaration).
     """
     raw = record.value if isinstance(record, Record) else record
     try:
@@ -74,7 +75,7 @@ def validate(record: Record | bytes, known_candidates: KnownCandidates | None = 
             declared = set(event.unknown_candidate_ids)
             ids = [c for c in event.candidate_ids if c not in declared]
         else:
-            ids = [event.candidate_id]
+            ids = [] if event.unknown_candidate else [event.candidate_id]
         if not ids:
             return event
         mask = np.asarray(known_candidates(list(ids)), dtype=bool)

@@ -15,7 +15,7 @@ message to the dead-letter queue instead of crashing.
 Schema versions
 ---------------
 Version 2 adds three optional impression fields (a v2 impression without them is
-valid); v2 feedback is v1 feedback. Rolled out *readers first*: every reader
+valid) and one optional feedback field, ``unknown_candidate``. Rolled out *readers first*: every reader
 accepts 1 and 2, writers keep emitting 1 by default, and a producer switches to 2
 (:meth:`Impression.v2`) only once every consumer runs this code.
 
@@ -27,6 +27,8 @@ accepts 1 and 2, writers keep emitting 1 by default, and a producer switches to 
   its position (in (0, 1], finite), for off-policy estimators.
 * ``teams`` - per shown item, an interleaving team label (1-32 characters, e.g.
   "A"/"B" of team-draft interleaving) or None where no team contributed it.
+* feedback ``unknown_candidate`` - True when the impression declared the candidate
+  unknown; the store check exempts it too (a click on a new candidate is real).
 
 Lists given per shown item have one entry per ``candidate_ids`` entry. A bad v2
 field is an :class:`InvalidEvent` with code ``schema`` and a reason naming the
@@ -58,6 +60,7 @@ from pydantic import (
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2})
 # Impression fields that exist from schema version 2 on (dropped from v1 messages).
 V2_IMPRESSION_FIELDS = ("unknown_candidate_ids", "propensities", "teams")
+V2_FEEDBACK_FIELDS = ("unknown_candidate",)
 MAX_TEAM_LENGTH = 32
 
 # Small, fixed set of rejection codes: used as a metrics label, so never free text.
@@ -206,7 +209,9 @@ class Impression(_Event):
 class Feedback(_Event):
     """One action on one shown candidate; ``position`` is its 1-based rank in the impression.
 
-    Schema version 2 changes nothing here: v2 feedback is v1 feedback.
+    Schema version 2 adds ``unknown_candidate``: the server echoes that its
+    impression declared this candidate unknown (ranked by the fallback), so the
+    candidate-store check exempts it as it exempts the impression's declared ids.
     """
 
     type: Literal["feedback"] = "feedback"
@@ -214,6 +219,22 @@ class Feedback(_Event):
     action: Literal["click", "accept", "skip"]
     position: int = Field(ge=1)
     dwell_ms: float | None = Field(None, ge=0, allow_inf_nan=False)
+    unknown_candidate: bool = False
+
+    @field_validator("unknown_candidate")
+    @classmethod
+    def _declared(cls, value: bool, info: ValidationInfo) -> bool:
+        if value:
+            _needs_v2(info)
+        return value
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if self.schema_version < 2:
+            for name in V2_FEEDBACK_FIELDS:
+                out.pop(name, None)
+        return out
 
 
 Event = Impression | Feedback
@@ -258,7 +279,8 @@ def parse_event(raw: bytes) -> Event:
         got = "missing" if kind is None else f"{kind!r:.40}"
         raise InvalidEvent(f"field 'type': must be 'impression' or 'feedback', got {got}")
     if version == 1:
-        data = {k: v for k, v in data.items() if k not in V2_IMPRESSION_FIELDS}
+        v2 = V2_IMPRESSION_FIELDS + V2_FEEDBACK_FIELDS
+        data = {k: v for k, v in data.items() if k not in v2}
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as exc:

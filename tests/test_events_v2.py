@@ -389,9 +389,8 @@ def test_the_online_trainers_reader_and_batcher_take_v1_and_v2() -> None:
 
 def test_a_click_on_a_candidate_the_server_declared_unknown_is_not_dead_lettered() -> None:
     """The server ranks a new candidate with its fallback and lists it as unknown; a
-    click on it is real feedback. Feedback is checked against its impression (the
-    joiner's ``mismatched_feedback``), not against the store, which lacks the id
-    until the teacher embeds it."""
+    click on it is real feedback, and the server says so (v2 ``unknown_candidate``),
+    because the store lacks the id until the teacher embeds it."""
     from student.online.reader import validate_records
 
     class _Producer:
@@ -401,7 +400,7 @@ def test_a_click_on_a_candidate_the_server_declared_unknown_is_not_dead_lettered
             self.sent.append(value)
 
     events = [imp("r1", 0, version=2, unknown_candidate_ids=["c"]),
-              fb("r1", 1, "c", version=2)]
+              fb("r1", 1, "c", version=2).model_copy(update={"unknown_candidate": True})]
     records = [Record("ev", 0, i, e.request_id, e.to_bytes(), 0) for i, e in enumerate(events)]
     counts: Counter[str] = Counter()
     dlq = DeadLetterQueue(_Producer(), "ev.dlq", registry=CollectorRegistry())
@@ -415,3 +414,16 @@ def test_a_click_on_a_candidate_the_server_declared_unknown_is_not_dead_lettered
         joiner.add(ev)
     (joined,) = joiner.flush()
     assert joined.clicked() == [False, False, True]
+
+
+def test_feedback_unknown_candidate_is_a_v2_field() -> None:
+    flagged = Feedback.v2(request_id="r", candidate_id="c", action="click", position=1,
+                          event_time=T0, unknown_candidate=True)
+    assert parse_event(flagged.to_bytes()).unknown_candidate is True
+    with pytest.raises(ValueError, match="schema version 2 field"):
+        Feedback(request_id="r", candidate_id="c", action="click", position=1, event_time=T0,
+                 unknown_candidate=True)
+    v1 = json.loads(fb("r1", 0).to_bytes())
+    assert "unknown_candidate" not in v1  # v1 bytes unchanged
+    v1["unknown_candidate"] = True  # a v1 message keeps its v1 meaning
+    assert parse_event(json.dumps(v1).encode()).unknown_candidate is False

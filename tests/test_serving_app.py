@@ -115,6 +115,13 @@ def test_an_unknown_candidate_with_text_takes_the_fallback_and_its_text_is_store
     metrics = client.get("/metrics").text
     assert (f'codistill_serving_fallback_candidates_total{{model_version='
             f'"{body["model_version"]}"}} 1.0') in metrics
+    r = client.post("/v1/feedback", json={"request_id": body["request_id"],
+                                          "candidate_id": new_id, "action": "click"})
+    assert r.status_code == 200
+    assert server.sink.flush()
+    (click,) = [e for e in _events(s) if e.type == "feedback"
+                and e.request_id == body["request_id"]]
+    assert click.unknown_candidate is True  # so the trainer's store check lets it through
 
 
 @pytest.mark.parametrize(("payload", "status", "detail"), [
