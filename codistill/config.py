@@ -178,6 +178,10 @@ class OnlineTrainerConfig(Section):
     teacher_version: str | None = Field(None, description="None: the checkpoint's, else current")
     batch_size: int = Field(64, ge=1, description="records per batch per partition (B)")
     checkpoint_every: int = Field(10, ge=1, description="batches between checkpoints")
+    publish_every: int | None = Field(None, ge=1, description="publish a serving bundle from "
+                                      "the first checkpoint at least this many batches after "
+                                      "the last one, and at the end (`codistill student "
+                                      "online`); None = never")
     keep_checkpoints: int = Field(2, ge=1)
     alpha: float = Field(0.5, ge=0, le=1, description="KD weight; 1 - alpha on feedback")
     temperature: float = Field(4.0, gt=0, description="KD temperature")

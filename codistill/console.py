@@ -52,10 +52,12 @@ def settings(**overrides: Any) -> Settings:
         console.print("[red]invalid configuration:[/red]", end=" ")
         console.print(str(exc), markup=False, soft_wrap=True)
         raise typer.Exit(USAGE_ERROR) from None
-    if s.threads:
-        import torch
-
-        torch.set_num_threads(s.threads)
+    if s.threads:  # without importing torch: the server's commands must stay torch-free
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(s.threads)
+        else:
+            os.environ["OMP_NUM_THREADS"] = str(s.threads)  # torch sizes its pool at import
     return s
 
 

@@ -154,65 +154,6 @@ def student_delete(
         raise cli.fail(exc) from None
 
 
-# ---------------------------------------------------------------- online
-@student_app.command("online")
-def student_online(
-    name: Annotated[str | None, typer.Option(
-        help="trainer identity: checkpoints, lease, consumer group (default 'default')")] = None,
-    batch_size: Annotated[int | None, typer.Option(
-        help="records per batch per partition (default 64)")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(
-        help="batches between checkpoints (default 10)")] = None,
-    alpha: Annotated[float | None, typer.Option(
-        help="KD weight; 1 - alpha on click feedback (default 0.5)")] = None,
-    lr: Annotated[float | None, typer.Option(
-        help="default 3e-3 (from scratch); ~1e-4 for a warm start")] = None,
-    until_end: Annotated[bool | None, typer.Option(
-        help="stop at the end of the log seen at start")] = None,
-    max_batches: Annotated[int | None, typer.Option(help="stop after this many batches")] = None,
-    init_student: Annotated[Path | None, typer.Option(help="warm start from a student folder")] = None,
-    metrics_port: Annotated[int | None, typer.Option(
-        help="Prometheus /metrics port (default 0 = off)")] = None,
-    accept_changes: Annotated[bool, typer.Option(
-        "--accept-changes", help="resume with other hyperparameters than the checkpoint's "
-        "(lr, alpha, ...; never batch_size) as a new segment")] = False,
-    start_from: Annotated[str | None, typer.Option(
-        help="where a new trainer begins: earliest (the log start, default) or latest "
-        "(the end: new traffic only)")] = None,
-    accept_gap: Annotated[bool, typer.Option(
-        "--accept-gap", help="resume although retention removed records past the "
-        "checkpoint's offsets; the ledger records the gap")] = False,
-    max_batch_wait_s: Annotated[float | None, typer.Option(
-        help="live mode: apply a partition's waiting records as a partial batch after "
-        "this many seconds; idle partitions' watermarks follow the others' (default off)")] = None,
-    replay_plan: Annotated[Path | None, typer.Option(
-        help="apply the entries of a trainer's plan (its checkpoints-plan folder) and "
-        "stop: a fresh trainer replays that run")] = None,
-    teacher_version: Annotated[str | None, typer.Option(
-        help="the teacher version to distil from (default: the checkpoint's; a new trainer: "
-        "the store's current); a trainer never changes version")] = None,
-) -> None:
-    """Train the student continuously from the events topic (single writer, exactly once)."""
-    from stores.base import StoreError
-    from student.online import TrainerError, run_online
-    from student.online.checkpoint import CheckpointError
-
-    s = cli.settings()
-    cfg = _with_flags(s.online, name=name, batch_size=batch_size,
-                      checkpoint_every=checkpoint_every, alpha=alpha, lr=lr, until_end=until_end,
-                      max_batches=max_batches, init_student=init_student,
-                      metrics_port=metrics_port, accept_changes=accept_changes or None,
-                      start_from=start_from, accept_gap=accept_gap or None,
-                      max_batch_wait_s=max_batch_wait_s, replay_plan=replay_plan,
-                      teacher_version=teacher_version)
-    try:
-        summary = run_online(s, cfg)
-    except (StoreError, TrainerError, CheckpointError, LookupError, FileNotFoundError,
-            ValueError) as exc:  # refused resumes and lost stores: one line, exit 2
-        raise cli.fail(exc) from None
-    cli.out.print_json(json.dumps(summary, default=str))
-
-
 def _with_flags(section: M, **flags: Any) -> M:
     """``section`` with the flags that were given (not None) applied and validated again."""
     given = {k: v for k, v in flags.items() if v is not None}

@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,9 @@ from student.online.telemetry import DriftMonitor, TrainerMetrics
 
 log = logging.getLogger("codistill.trainer")
 
+# called after every checkpoint and once at the end: (checkpoint dir, progress info)
+CheckpointHook = Callable[[Path, dict[str, Any]], None]
+
 
 class OnlineTrainer:
     """The single writer of one online student (see :mod:`student.online`).
@@ -64,6 +67,9 @@ class OnlineTrainer:
         The trainer's config; default ``settings.online``.
     store, stream
         Already open backends to use (and leave open); default: open the configured ones.
+    on_checkpoint
+        Called after every checkpoint (once committed) and at the end; how the app
+        publishes serving bundles without the student layer knowing about serving.
 
     Examples
     --------
@@ -71,8 +77,10 @@ class OnlineTrainer:
     """
 
     def __init__(self, settings: Settings, cfg: OnlineTrainerConfig | None = None,
-                 store: Store | None = None, stream: EventStream | None = None) -> None:
+                 store: Store | None = None, stream: EventStream | None = None,
+                 on_checkpoint: CheckpointHook | None = None) -> None:
         self.settings = settings
+        self.on_checkpoint = on_checkpoint
         self.cfg = cfg = cfg if cfg is not None else settings.online
         stream_settings = settings.resolved_stream()
         self.topic, self.dlq_topic = stream_settings.topic, stream_settings.dlq_topic
@@ -147,6 +155,7 @@ class OnlineTrainer:
             self.loop_seconds = time.perf_counter() - loop_start
             if not interrupted:
                 self._export_student()
+                self._notify(final=True)
             return self.summary(time.monotonic() - started, interrupted)
         finally:
             self.keeper.release()  # a clean exit; a killed trainer's lease runs out instead
@@ -392,6 +401,14 @@ class OnlineTrainer:
         self.metrics.checkpoint_seconds.observe(seconds)
         self.phase_seconds["checkpoint"] += seconds
         self.metrics.last_checkpoint.set(self.state.batches)
+        self._notify(final=False)
+
+    def _notify(self, final: bool) -> None:
+        """Tell ``on_checkpoint`` (e.g. the bundle publisher) about the newest checkpoint."""
+        if self.on_checkpoint is not None and self.last_checkpoint is not None:
+            self.on_checkpoint(self.last_checkpoint, {
+                "trainer": self.cfg.name, "batches": self.state.batches, "final": final,
+                "teacher_version": self.version})
 
     def _commit(self) -> None:
         offsets = dict(self.state.offsets)
@@ -455,7 +472,8 @@ class OnlineTrainer:
         }
 
 
-def run_online(settings: Settings, cfg: OnlineTrainerConfig | None = None) -> dict[str, Any]:
+def run_online(settings: Settings, cfg: OnlineTrainerConfig | None = None,
+               on_checkpoint: CheckpointHook | None = None) -> dict[str, Any]:
     """Open the configured store and stream, run one trainer, close everything.
 
     Parameters
@@ -464,11 +482,14 @@ def run_online(settings: Settings, cfg: OnlineTrainerConfig | None = None) -> di
         The settings (store, stream, ``HOME``).
     cfg
         The trainer config; default ``settings.online``.
+    on_checkpoint
+        Called after each checkpoint and at the end (the app's bundle publisher).
 
     Returns
     -------
     dict
         The trainer's summary.
     """
-    with OnlineTrainer(settings, cfg if cfg is not None else settings.online) as trainer:
+    with OnlineTrainer(settings, cfg if cfg is not None else settings.online,
+                       on_checkpoint=on_checkpoint) as trainer:
         return trainer.run()
