@@ -61,25 +61,6 @@ def serve(settings: Settings, bundle: str | None = None) -> None:
             server.store.close()
 
 
-def serve_command(
-    bundle: Annotated[str | None, typer.Option(help="bundle version, 'serving' or 'latest' "
-                                              "(default: serving.bundle, else the pointer)")] = None,
-    port: Annotated[int | None, typer.Option(help="default serving.port (8000)")] = None,
-    host: Annotated[str | None, typer.Option(help="default serving.host (127.0.0.1)")] = None,
-) -> None:
-    """Serve a bundle over HTTP: POST /v1/rank, /v1/feedback; GET /readyz, /metrics."""
-    from serving.bundle import BundleError
-    from stores.base import StoreError
-    from streaming.base import StreamError
-
-    overrides = {k: v for k, v in (("port", port), ("host", host)) if v is not None}
-    s = cli.settings(serving=overrides) if overrides else cli.settings()
-    try:
-        serve(s, bundle)
-    except (BundleError, StoreError, StreamError, FileNotFoundError) as exc:
-        raise cli.fail(exc) from None
-
-
 @bundle_app.command("list")
 def bundle_list() -> None:
     """Bundles in HOME/bundles, the serving one starred."""

@@ -21,7 +21,7 @@ import typer  # noqa: E402
 from codistill import console as cli  # noqa: E402
 from codistill.app.online import student_online  # noqa: E402
 from codistill.config import Size  # noqa: E402
-from serving.commands import bundle_app, serve_command  # noqa: E402
+from serving.commands import bundle_app  # noqa: E402
 from stores.commands import store_app  # noqa: E402
 from streaming.commands import events_app  # noqa: E402
 from student.commands import student_app  # noqa: E402
@@ -38,7 +38,6 @@ app.add_typer(store_app, name="store")
 app.add_typer(events_app, name="events")
 app.add_typer(student_app, name="student")
 app.add_typer(bundle_app, name="bundle")
-app.command("serve")(serve_command)
 
 student_app.command("online")(student_online)  # it publishes bundles: an app command
 
@@ -96,6 +95,39 @@ def student_export(
                   f"{p['top10_order_agreement']:.1%} on {p['lists']} valid lists, "
                   f"{p['token_mismatches']} token mismatches in {p['token_texts']} texts")
     cli.out.print(str(registry.path(card.bundle_version)))
+
+
+@app.command("serve")
+def serve(
+    bundle: Annotated[str | None, typer.Option(help="bundle version, 'serving' or 'latest' "
+                                              "(default: serving.bundle, else the pointer)")] = None,
+    port: Annotated[int | None, typer.Option(help="default serving.port (8000)")] = None,
+    host: Annotated[str | None, typer.Option(help="default serving.host (127.0.0.1)")] = None,
+    export: Annotated[bool, typer.Option(help="export the current student first when "
+                                         "HOME/bundles has no bundle")] = True,
+) -> None:
+    """Serve a bundle over HTTP: POST /v1/rank, /v1/feedback; GET /readyz, /metrics, /docs.
+
+    On a home with a student but no bundle yet (right after `codistill demo`) this
+    exports the current student first, so one command serves the demo's student."""
+    from serving.bundle import BundleError, BundleRegistry
+    from serving.commands import serve as run_server
+    from stores.base import StoreError
+    from streaming.base import StreamError
+
+    overrides = {k: v for k, v in (("port", port), ("host", host)) if v is not None}
+    s = cli.settings(serving=overrides) if overrides else cli.settings()
+    try:
+        if export and bundle is None and not BundleRegistry(s.bundles_dir).versions():
+            from codistill.app.export import export_bundle
+            from stores import open_configured_store
+
+            with open_configured_store(s) as store:
+                card = export_bundle(s, store, log=cli.console.print)
+            BundleRegistry(s.bundles_dir).set_serving(card.bundle_version)
+        run_server(s, bundle)
+    except (BundleError, StoreError, StreamError, FileNotFoundError, ValueError) as exc:
+        raise cli.fail(exc) from None
 
 
 @app.command("demo")
