@@ -15,4 +15,4 @@ export CODISTILL_TEST_KAFKA=$(cat .services/kafka.address)
 export CODISTILL_TEST_PROMETHEUS=$(cat .services/prometheus.address)
 .venv/bin/ruff check .
 .venv/bin/lint-imports --no-cache
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=25 "$@"
