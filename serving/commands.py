@@ -7,6 +7,7 @@ under uvicorn. Nothing here imports torch.
 
 from __future__ import annotations
 
+import signal
 from typing import Annotated
 
 import typer
@@ -52,6 +53,11 @@ def serve(settings: Settings, bundle: str | None = None) -> None:
     cfg = settings.serving
     cli.console.print(f"serving {server.host.serving.version} on http://{cfg.host}:{cfg.port}"
                       f" (docs: /docs, metrics: /metrics)")
+    # uvicorn shuts down gracefully on SIGTERM / SIGINT, restores the handlers it found
+    # and raises the signal again: with the default handlers that kills the process
+    # before the event queue is drained, so the handlers it finds here do nothing
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
         uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level="warning",
                     access_log=False)
