@@ -64,7 +64,7 @@ def test_serve_exports_the_current_student_then_answers(serving_env, tmp_path: P
         out = proc.communicate(timeout=30)[0].decode()
     assert proc.returncode == 0, out
     assert "published bundle" in out
-    result = CliRunner().invoke(app, ["--home", str(home), "bundle", "list"])
+    result = CliRunner().invoke(app, ["--home", str(home), "bundle", "list"], env={"COLUMNS": "300"})
     assert result.exit_code == 0 and body["model_version"] in result.stdout
     result = CliRunner().invoke(app, ["--home", str(home), "bundle", "verify",
                                       body["model_version"]])
