@@ -238,9 +238,10 @@ def test_admin_needs_the_key_and_every_change_is_audited(env, server, client):
     assert "codistill_serving_rollbacks_total 1.0" in text
 
 
-def test_admin_is_off_without_a_key(env):
+@pytest.mark.parametrize("key", [None, ""])  # an empty variable must not open the admin API
+def test_admin_is_off_without_a_key(env, key):
     s = env["settings"]
-    s = s.model_copy(update={"serving": s.serving.model_copy(update={"admin_api_key": None})})
+    s = s.model_copy(update={"serving": s.serving.model_copy(update={"admin_api_key": key})})
     srv = build_server(s, bundle=env["bundles"]["asym-bow"])
     try:
         r = TestClient(create_app(srv)).post("/v1/admin/rollback", headers={"X-API-Key": ""})
