@@ -284,7 +284,10 @@ class ServingSettings(Section):
     probe_budget_ms: float = Field(50.0, gt=0, description="a new bundle's query encode must "
                                    "stay within this before it is swapped in")
     admin_api_key: str | None = Field(None, description="enables /v1/admin; compared in "
-                                      "constant time")
+                                      "constant time; unset or empty = admin off")
+    gate: GateConfig = Field(GateConfig(mode="non-inferiority"), description="serve-watch: a "
+                             "new bundle must be no worse than the serving one on valid and "
+                             "every guard set")
     export: ExportConfig = ExportConfig()
 
 

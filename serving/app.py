@@ -300,7 +300,7 @@ def create_app(server: Server) -> FastAPI:
 
     def _admin(key: str | None) -> None:
         expected = server.cfg.admin_api_key
-        if expected is None:
+        if not expected:  # unset or empty (an empty variable): no key can be right
             raise HTTPException(404, "admin API disabled: set serving.admin_api_key")
         if key is None or not hmac.compare_digest(key.encode(), expected.encode()):
             raise HTTPException(401, "missing or wrong X-API-Key")

@@ -57,8 +57,6 @@ class ServingMetrics:
                                  registry=r)
         self.load_failures = Counter(p + "load_failures_total", "Bundles refused at load "
                                      "(hash, probe)", ["reason"], registry=r)
-        self.gate_rejections = Counter(p + "gate_rejections_total", "Bundles the gate refused",
-                                       ["reason"], registry=r)
         self.model_info = Gauge(p + "model_info", "1 per bundle held, by slot",
                                 ["model_version", "slot", "kind", "teacher_version",
                                  "precision"], registry=r)
