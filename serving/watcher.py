@@ -378,7 +378,7 @@ def watch_command(
         store = open_configured_store(s)
     except StoreError as exc:
         raise cli.fail(exc) from None
-    gate = getattr(cfg, "gate", None) or DEFAULT_GATE  # serving.gate once config has it
+    gate = cfg.gate
     watcher = Watcher(s, store, url, cfg.admin_api_key, gate=gate, interval_s=interval,
                       trainer_only=trainer_only)
     metrics = watcher.serve_metrics(metrics_port, metrics_host) if metrics_port else None

@@ -22,6 +22,7 @@ from codistill import console as cli  # noqa: E402
 from codistill.app.online import student_online  # noqa: E402
 from codistill.config import Size  # noqa: E402
 from serving.commands import bundle_app  # noqa: E402
+from serving.watcher import watch_command  # noqa: E402
 from stores.commands import store_app  # noqa: E402
 from streaming.commands import events_app  # noqa: E402
 from student.commands import student_app  # noqa: E402
@@ -38,6 +39,7 @@ app.add_typer(store_app, name="store")
 app.add_typer(events_app, name="events")
 app.add_typer(student_app, name="student")
 app.add_typer(bundle_app, name="bundle")
+app.command("serve-watch")(watch_command)
 
 student_app.command("online")(student_online)  # it publishes bundles: an app command
 
