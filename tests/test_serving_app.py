@@ -303,3 +303,17 @@ def test_hot_swaps_under_load_fail_no_request(env, server):
         thread.join(10)
     assert failures == []
     assert {b["asym-int8"], b["asym-bow"]} <= set(seen) and len(seen) > 50
+
+
+def test_series_of_a_bundle_no_longer_held_are_removed(env, server, client):
+    b = env["bundles"]
+    rank = {"query": "read a file", "candidates": [{"text": "def f(p):\n    return open(p)"}]}
+    assert client.post("/v1/rank", json=rank).json()["model_version"] == b["asym-bow"]
+    server.host.promote(b["bow"])
+    client.post("/v1/rank", json=rank)
+    server.host.promote(b["asym-int8"])  # serving int8, previous bow: fp32 is unloaded
+    text = client.get("/metrics").text
+    assert f'model_version="{b["asym-bow"]}"' not in text
+    for version, slot in ((b["asym-int8"], "serving"), (b["bow"], "previous")):
+        assert f'model_version="{version}",precision=' in text and f'slot="{slot}"' in text
+    assert f'codistill_serving_rank_latency_seconds_count{{model_version="{b["bow"]}"}} 1.0' in text
