@@ -7,6 +7,11 @@ in front of the store keeps most lookups off the network. When the store is
 unreachable the cache still answers for what it holds and the rest is reported
 missing (the caller encodes those with the bundle's fallback graph): a store outage
 degrades quality for cold candidates, never availability.
+
+An outage starts at the first failed store call after a good one and ends at the next
+good one. While it lasts, :meth:`VectorCache.store_down_for` (what ``/readyz`` asks)
+probes the store itself, at most every ``probe_every_s``: a server that reports
+unready gets no traffic, so it must notice the store's return without a request.
 """
 
 from __future__ import annotations
@@ -36,16 +41,22 @@ class VectorCache:
         The teacher version (the bundle's ``teacher_version``).
     capacity : int
         Vectors kept in memory.
+    probe_every_s : float
+        Least interval between two store probes of :meth:`store_down_for`.
     """
 
-    def __init__(self, store: CandidateStore | None, version: str, capacity: int = 100_000
-                 ) -> None:
+    def __init__(self, store: CandidateStore | None, version: str, capacity: int = 100_000,
+                 probe_every_s: float = 0.5) -> None:
         self.store, self.version, self.capacity = store, version, capacity
+        self.probe_every_s = probe_every_s
         self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self._probe_lock = threading.Lock()
         self.hits = self.misses = self.store_errors = 0
         self.last_store_ok: float | None = time.monotonic() if store is not None else None
         self.last_store_error: float | None = None
+        self.down_since: float | None = None  # first failure after the last good call
+        self._last_probe = 0.0
 
     def put(self, ids: Sequence[str], vectors: np.ndarray) -> None:
         with self._lock:
@@ -74,10 +85,9 @@ class VectorCache:
             cold_ids = [ids[i] for i in cold]
             try:
                 emb, ok = self.store.get_embeddings(self.version, cold_ids)
-                self.last_store_ok = time.monotonic()
+                self._store_answered()
             except StoreError:
-                self.store_errors += 1
-                self.last_store_error = time.monotonic()
+                self._store_failed()
             else:
                 got = [(i, cid, emb[n]) for n, (i, cid) in enumerate(zip(cold, cold_ids,
                                                                           strict=True)) if ok[n]]
@@ -95,13 +105,42 @@ class VectorCache:
                 out[i] = r
         return out, found
 
+    def _store_answered(self) -> None:
+        self.last_store_ok = time.monotonic()
+        self.down_since = None
+
+    def _store_failed(self) -> None:
+        now = time.monotonic()
+        self.store_errors += 1
+        self.last_store_error = now
+        if self.down_since is None:
+            self.down_since = now
+
+    def _probe(self) -> None:
+        """One store round trip (a vector read of a reserved id), at most every probe_every_s."""
+        assert self.store is not None
+        if not self._probe_lock.acquire(blocking=False):
+            return  # another caller is probing
+        try:
+            if time.monotonic() - self._last_probe < self.probe_every_s:
+                return
+            self._last_probe = time.monotonic()
+            try:
+                self.store.get_embeddings(self.version, ["codistill-readiness-probe"])
+            except StoreError:
+                self.last_store_error = time.monotonic()  # still down: the outage goes on
+            else:
+                self._store_answered()
+        finally:
+            self._probe_lock.release()
+
     def store_down_for(self) -> float:
-        """Seconds since the store last answered while it has failed since (0 if fine)."""
-        if self.last_store_error is None or self.last_store_ok is None:
+        """Seconds since the outage began (0 if the store is fine); probes while it lasts."""
+        if self.store is None or self.down_since is None:
             return 0.0
-        if self.last_store_ok >= self.last_store_error:
-            return 0.0
-        return time.monotonic() - self.last_store_ok
+        self._probe()
+        since = self.down_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def __len__(self) -> int:
         return len(self._lru)
