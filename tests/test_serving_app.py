@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import uvicorn
+from fastapi import HTTPException
 from fastapi.testclient import TestClient
 
 from codistill.app.export import export_bundle
@@ -19,7 +20,9 @@ from codistill.ids import candidate_id
 from serving.app import create_app
 from serving.bundle import BundleRegistry
 from serving.commands import build_server
+from serving.schemas import RankRequest
 from stores import open_configured_store
+from stores.base import StoreUnavailable as StoreUnavailableError
 from streaming import open_stream, parse_event
 from streaming.base import StreamUnavailable
 from student.asym import StoreCandidates
@@ -317,3 +320,50 @@ def test_series_of_a_bundle_no_longer_held_are_removed(env, server, client):
     for version, slot in ((b["asym-int8"], "serving"), (b["bow"], "previous")):
         assert f'model_version="{version}",precision=' in text and f'slot="{slot}"' in text
     assert f'codistill_serving_rank_latency_seconds_count{{model_version="{b["bow"]}"}} 1.0' in text
+
+
+class _OneFailingCall:
+    """The real store, except that one chosen id's lookup fails (after a gate opens)."""
+
+    def __init__(self, store, failing_id: str) -> None:
+        self.store, self.failing_id = store, failing_id
+        self.first_inside, self.release = threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def get_embeddings(self, version, ids, max_seq=None):
+        if self.failing_id in ids:
+            raise StoreUnavailableError("store down for this call")
+        self.first_inside.set()
+        self.release.wait(10)
+        return self.store.get_embeddings(version, ids, max_seq)
+
+
+def test_another_requests_store_failure_does_not_turn_a_422_into_a_503(env, server):
+    """Per-request accounting: request A names an id the store truly lacks (a 422);
+    while A's lookup is in flight, request B's lookup fails (a store error of B's)."""
+    lo = server.host.serving
+    wrapped = _OneFailingCall(lo.vectors.store, "cb-fails")
+    lo.vectors.store = wrapped
+    ex = ds.read_split(env["settings"], "test")[3]
+    results: dict[str, Any] = {}
+
+    def request_a() -> None:
+        try:
+            server.rank(RankRequest(query=ex.query, candidates=[{"id": "never-stored"}]))
+        except HTTPException as exc:
+            results["a"] = exc.status_code
+
+    try:
+        a = threading.Thread(target=request_a)
+        a.start()
+        assert wrapped.first_inside.wait(10)
+        with pytest.raises(HTTPException) as b:
+            server.rank(RankRequest(query=ex.query, candidates=[{"id": "cb-fails"}]))
+        assert b.value.status_code == 503  # B's own store call failed
+        wrapped.release.set()
+        a.join(10)
+    finally:
+        lo.vectors.store = wrapped.store
+    assert results["a"] == 422
