@@ -227,7 +227,7 @@ def rankers(student_onnx: Any, student_torch: Any, teacher: TeacherRanker,
     import torch
 
     def vectors(ids: Sequence[str]) -> np.ndarray:
-        c, found = cache.get(ids)
+        c, found, *_ = cache.get(ids)
         if c is None or not found.all():
             raise KeyError(f"{int((~found).sum())} of {len(ids)} candidates not in the cache")
         return c

@@ -163,19 +163,17 @@ class Server:
                 raise _unprocessable(f"unknown candidate id {unknown[0]!r} sent without text")
             return ranker.embed_candidates([t or "" for t in texts]), np.zeros(len(ids), bool)
         assert lo.vectors is not None
-        hits0, misses0 = lo.vectors.hits, lo.vectors.misses
-        errors0 = lo.vectors.store_errors
-        c, found = lo.vectors.get(ids)
-        self.metrics.cache_hits.inc(lo.vectors.hits - hits0)
-        self.metrics.cache_misses.inc(lo.vectors.misses - misses0)
-        if lo.vectors.store_errors > errors0:
+        c, found, hits, misses, store_failed = lo.vectors.get(ids)
+        self.metrics.cache_hits.inc(hits)
+        self.metrics.cache_misses.inc(misses)
+        if store_failed:
             self.metrics.store_errors.labels("get_embeddings").inc()
         if c is None:
             c = np.zeros((len(ids), ranker.card.embedding_dim), dtype=np.float32)
         cold = np.flatnonzero(~found)
         no_text = [ids[i] for i in cold if texts[i] is None]
         if no_text:
-            if lo.vectors.store_errors > errors0:
+            if store_failed:
                 raise HTTPException(503, f"store unavailable and candidate {no_text[0]!r} "
                                          "was sent without text")
             raise _unprocessable(f"unknown candidate id {no_text[0]!r} sent without text")
@@ -295,7 +293,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
-        m.queue_depth.set(server.sink._q.qsize())
+        m.queue_depth.set(server.sink.depth())
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
     def _admin(key: str | None) -> None:

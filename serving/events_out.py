@@ -78,6 +78,10 @@ class EventSink:
         self.broker_ok = True
         self._thread.start()
 
+    def depth(self) -> int:
+        """Events waiting in the queue."""
+        return self._q.qsize()
+
     def submit(self, item: Outgoing) -> bool:
         """Queue an event; False (and counted) if the queue is full or events are off."""
         if self.producer is None:

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,6 +28,16 @@ from codistill.metrics import evaluate
 from codistill.ranking import RankingExample
 from serving.runtime import OnnxRanker
 from stores.base import CandidateStore, StoreError
+
+
+class Lookup(NamedTuple):
+    """One :meth:`VectorCache.get`: the vectors, what was found, and what it cost."""
+
+    vectors: np.ndarray | None
+    found: np.ndarray
+    hits: int  # from memory
+    misses: int  # neither in memory nor in the store
+    store_failed: bool  # this call's store read failed
 
 
 class VectorCache:
@@ -66,10 +77,11 @@ class VectorCache:
             while len(self._lru) > self.capacity:
                 self._lru.popitem(last=False)
 
-    def get(self, ids: Sequence[str]) -> tuple[np.ndarray | None, np.ndarray]:
-        """Vectors of ``ids`` (rows of zeros where missing) and a found mask.
+    def get(self, ids: Sequence[str]) -> Lookup:
+        """Vectors of ``ids`` (rows of zeros where missing), a found mask and this call's
+        own counts (concurrent calls must not read each other's from shared counters).
 
-        Returns ``(None, all-False)`` when nothing is known (no vector dimension yet).
+        ``vectors`` is None when nothing is known (no vector dimension yet).
         """
         found = np.zeros(len(ids), dtype=bool)
         rows: list[np.ndarray | None] = [None] * len(ids)
@@ -79,7 +91,8 @@ class VectorCache:
                 if vec is not None:
                     self._lru.move_to_end(cid)
                     rows[i], found[i] = vec, True
-        self.hits += int(found.sum())
+        hits = int(found.sum())
+        failed = False
         cold = [i for i in range(len(ids)) if not found[i]]
         if cold and self.store is not None:
             cold_ids = [ids[i] for i in cold]
@@ -88,6 +101,7 @@ class VectorCache:
                 self._store_answered()
             except StoreError:
                 self._store_failed()
+                failed = True
             else:
                 got = [(i, cid, emb[n]) for n, (i, cid) in enumerate(zip(cold, cold_ids,
                                                                           strict=True)) if ok[n]]
@@ -95,15 +109,18 @@ class VectorCache:
                     self.put([cid for _, cid, _ in got], np.stack([v for _, _, v in got]))
                 for i, _, vec in got:
                     rows[i], found[i] = vec, True
-        self.misses += int((~found).sum())
+        misses = int((~found).sum())
+        with self._lock:
+            self.hits += hits
+            self.misses += misses
         dim = next((r.shape[0] for r in rows if r is not None), None)
         if dim is None:
-            return None, found
+            return Lookup(None, found, hits, misses, failed)
         out = np.zeros((len(ids), dim), dtype=np.float32)
         for i, r in enumerate(rows):
             if r is not None:
                 out[i] = r
-        return out, found
+        return Lookup(out, found, hits, misses, failed)
 
     def _store_answered(self) -> None:
         self.last_store_ok = time.monotonic()
@@ -157,7 +174,7 @@ def example_scores(ranker: OnnxRanker, vectors: VectorCache | None, ex: RankingE
     if ranker.card.has_candidate_tower or vectors is None:
         c = ranker.embed_candidates(ex.candidates)
         return ranker.scores(q, c), 0 if ranker.card.has_candidate_tower else len(c)
-    c, found = vectors.get(ex.candidate_ids)
+    c, found, *_ = vectors.get(ex.candidate_ids)
     if c is None:
         c = np.zeros((len(ex.candidates), ranker.card.embedding_dim), dtype=np.float32)
     if not found.all():
