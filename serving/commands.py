@@ -62,7 +62,10 @@ def serve(settings: Settings, bundle: str | None = None) -> None:
         uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level="warning",
                     access_log=False)
     finally:
-        server.sink.close()
+        server.sink.close()  # drains the queue into the log first
+        stream = server.sink.producer
+        if stream is not None and hasattr(stream, "close"):
+            stream.close()
         if server.store is not None:
             server.store.close()
 

@@ -9,9 +9,12 @@ missing (the caller encodes those with the bundle's fallback graph): a store out
 degrades quality for cold candidates, never availability.
 
 An outage starts at the first failed store call after a good one and ends at the next
-good one. While it lasts, :meth:`VectorCache.store_down_for` (what ``/readyz`` asks)
-probes the store itself, at most every ``probe_every_s``: a server that reports
-unready gets no traffic, so it must notice the store's return without a request.
+good one. While it lasts the cache does not ask the store at all (a circuit breaker:
+a hung Redis would cost every request its socket timeout), cold candidates fall back
+at once, and a background thread probes the store every ``probe_every_s`` until it
+answers: a server that reports unready gets no traffic, so it must notice the store's
+return without a request. Keep the store's read timeout short for serving (a Redis
+URL takes ``?socket_timeout=0.25``): the first call into a hung store still waits it.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class VectorCache:
         self.last_store_error: float | None = None
         self.down_since: float | None = None  # first failure after the last good call
         self._last_probe = 0.0
+        self._prober: threading.Thread | None = None
 
     def put(self, ids: Sequence[str], vectors: np.ndarray) -> None:
         with self._lock:
@@ -94,7 +98,10 @@ class VectorCache:
         hits = int(found.sum())
         failed = False
         cold = [i for i in range(len(ids)) if not found[i]]
-        if cold and self.store is not None:
+        if cold and self.store is not None and self.down_since is not None:
+            failed = True  # known down: fall back now; the probe thread finds it back
+            self._watch()
+        elif cold and self.store is not None:
             cold_ids = [ids[i] for i in cold]
             try:
                 emb, ok = self.store.get_embeddings(self.version, cold_ids)
@@ -132,6 +139,21 @@ class VectorCache:
         self.last_store_error = now
         if self.down_since is None:
             self.down_since = now
+        self._watch()
+
+    def _watch(self) -> None:
+        """Start the probe thread unless one runs: it probes until the store answers."""
+        with self._lock:
+            if self._prober is not None and self._prober.is_alive():
+                return
+            self._prober = threading.Thread(target=self._probe_until_back, daemon=True,
+                                            name="store-probe")
+            self._prober.start()
+
+    def _probe_until_back(self) -> None:
+        while self.down_since is not None:
+            time.sleep(self.probe_every_s)
+            self._probe()
 
     def _probe(self) -> None:
         """One store round trip (a vector read of a reserved id), at most every probe_every_s."""
@@ -152,12 +174,12 @@ class VectorCache:
             self._probe_lock.release()
 
     def store_down_for(self) -> float:
-        """Seconds since the outage began (0 if the store is fine); probes while it lasts."""
-        if self.store is None or self.down_since is None:
-            return 0.0
-        self._probe()
+        """Seconds since the outage began (0 if the store is fine); never waits on the store."""
         since = self.down_since
-        return 0.0 if since is None else time.monotonic() - since
+        if self.store is None or since is None:
+            return 0.0
+        self._watch()
+        return time.monotonic() - since
 
     def __len__(self) -> int:
         return len(self._lru)
