@@ -28,9 +28,11 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from student.base import Student
+from student.bow import BowStudent
 
 ONNX_QUERY_FILE = "query_encoder.onnx"
 ONNX_CANDIDATE_FILE = "candidate_encoder.onnx"
@@ -52,11 +54,44 @@ class _Tower(nn.Module):
         return self.student.embed_candidates(input_ids, attention_mask)
 
 
+class _FoldedBowTower(nn.Module):
+    """A bag-of-subwords tower with its projection folded into the subword table.
+
+    The projection is linear and bias-free and the tower ends in an L2 normalisation,
+    so ``normalize(P (sum_i w_i e_i) / sum_i w_i) = normalize(sum_i w_i (P e_i))``:
+    the table ``E P^T`` is computed once at export, and serving does one gather and
+    one weighted sum per query, no matrix product (the largest cost of a BoW query
+    on ONNX Runtime). Used when the table does not grow (``out_dim <= dim``).
+    """
+
+    def __init__(self, student: BowStudent, side: str) -> None:
+        super().__init__()
+        i = 0 if side == "query" else -1
+        with torch.no_grad():
+            table = student.embeddings[i].weight @ student.projections[i].weight.T
+            self.table = nn.Parameter(table.detach().clone(), requires_grad=False)
+            weights = student.token_weights[i].weight.detach().clone()
+            self.weights = nn.Parameter(weights, requires_grad=False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        emb = F.embedding(input_ids, self.table)  # [n, L, out]
+        w = F.softplus(F.embedding(input_ids, self.weights).squeeze(-1))
+        w = w * attention_mask.to(emb.dtype)
+        return F.normalize((w.unsqueeze(-1) * emb).sum(1), dim=-1)
+
+
+def _tower(student: Student, side: str) -> nn.Module:
+    if isinstance(student, BowStudent) and student.config.out_dim <= student.config.dim:
+        return _FoldedBowTower(student, side)
+    return _Tower(student, side)
+
+
 def onnx_export(student: Student, directory: str | Path) -> dict[str, Path]:
     """Write the student's query (and candidate) tower as ONNX graphs plus ``onnx.json``.
 
     The graphs are traced from the padded towers (``embed_queries`` /
-    ``embed_candidates``) with the TorchScript exporter at opset ``ONNX_OPSET``, in
+    ``embed_candidates``; a bag-of-subwords tower with its projection folded into
+    the table, see ``_FoldedBowTower``) with the TorchScript exporter at opset ``ONNX_OPSET``, in
     eval mode; the student's mode is restored afterwards. The vocabulary stays in
     ``config.json``: write it with ``student.save`` into the same directory.
 
@@ -91,7 +126,7 @@ def onnx_export(student: Student, directory: str | Path) -> dict[str, Path]:
                 # the TorchScript exporter is deprecated but needs no onnxscript
                 warnings.simplefilter("ignore", DeprecationWarning)
                 torch.onnx.export(
-                    _Tower(student, side),
+                    _tower(student, side),
                     (ids, mask),
                     str(paths[side]),
                     input_names=["input_ids", "attention_mask"],

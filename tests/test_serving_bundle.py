@@ -93,6 +93,11 @@ def test_onnx_scores_match_torch_on_held_out_lists(home, kind: str) -> None:
     finally:
         store.close()
     assert ("candidate" in card.graphs) == (kind == "bow")
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(reg.path(card.bundle_version) / "query.onnx")).graph.node}
+    folded = model.config.out_dim <= model.config.dim  # the projection lives in the table
+    assert ("MatMul" not in ops) == folded, ops
 
 
 def test_int8_bundle_passes_its_own_bounds_and_is_smaller(home) -> None:
