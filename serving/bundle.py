@@ -55,6 +55,8 @@ POINTER_FILE = "serving.json"
 QUERY_GRAPH = "query.onnx"
 CANDIDATE_GRAPH = "candidate.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+PIN_PREFIX = "bundle:"  # a bundle's durable pin on its teacher version: bundle:<version>
+DELETING = ".deleting-"  # a bundle on its way out: no longer listed or loadable
 _NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 
 Precision = Literal["fp32", "int8"]
@@ -214,6 +216,22 @@ class BundleRegistry:
         if card.compute_version() != version:
             raise BundleIntegrityError(f"bundle {version}: the card was edited "
                                        f"(its fields give {card.compute_version()})")
+        return card
+
+    def delete(self, version: str) -> BundleCard:
+        """Remove a bundle that neither serves nor is the rollback target; returns its card.
+
+        The folder is renamed out of sight first (one atomic step: readers see the
+        whole bundle or nothing), then removed. The caller releases its teacher pin.
+        """
+        card = self.load_card(version)
+        ptr = self.pointer()
+        if version in (ptr.serving, ptr.previous):
+            role = "serving" if version == ptr.serving else "the rollback target (previous)"
+            raise BundleError(f"bundle {version} is {role}: promote another bundle first")
+        doomed = self.dir / f"{DELETING}{version}-{uuid.uuid4().hex[:8]}"
+        os.rename(self.path(version), doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
         return card
 
     def versions(self) -> list[str]:

@@ -100,3 +100,23 @@ def bundle_verify(version: Annotated[str, typer.Argument(help="bundle version")]
     except BundleError as exc:
         raise cli.fail(exc) from None
     cli.out.print(f"{version}: {len(card.files)} files match their sha256")
+
+
+@bundle_app.command("delete")
+def bundle_delete(version: Annotated[str, typer.Argument(help="bundle version")]) -> None:
+    """Delete a bundle that neither serves nor is the rollback target, and release its
+    durable pin on its teacher version (which can then expire, see `store expire`)."""
+    from serving.bundle import PIN_PREFIX, BundleError, BundleRegistry
+    from stores import open_configured_store
+    from stores.base import StoreError
+    from stores.commands import report_expiry
+
+    s = cli.settings()
+    try:
+        card = BundleRegistry(s.bundles_dir).delete(version)
+        with open_configured_store(s) as store:
+            store.unpin(card.teacher_version, PIN_PREFIX + version)
+            cli.out.print(f"deleted bundle {version}; released its pin on {card.teacher_version}")
+            report_expiry(store)
+    except (BundleError, StoreError) as exc:
+        raise cli.fail(exc) from None

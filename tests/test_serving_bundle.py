@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from codistill.app.export import PIN_PREFIX, export_bundle, fuzz_strings
+from codistill.app.export import export_bundle, fuzz_strings
 from codistill.config import Settings
 from codistill.subwords import Subwords
-from serving.bundle import BundleError, BundleIntegrityError, BundleRegistry
+from serving.bundle import PIN_PREFIX, BundleError, BundleIntegrityError, BundleRegistry
 from serving.runtime import OnnxRanker, token_parity, top_order_agrees
 from serving.vectors import VectorCache, example_scores
 from stores import open_configured_store
@@ -183,3 +183,32 @@ def test_top_order_allows_only_near_ties_to_swap() -> None:
     assert not top_order_agrees(ref, np.array([5.0, 4.0, 3.0, 4.1, 1.0]))  # 4.0 vs 3.0
     assert not top_order_agrees(ref, np.array([5.0, 4.0, 3.0, 4.1, 1.0]), k=4, tie_eps=1e-9)
     assert top_order_agrees(ref, ref[::-1].copy(), k=0)
+
+
+def test_bundle_delete_releases_the_pin_and_refuses_the_serving_bundle(home) -> None:
+    from codistill.app.cli import app
+
+    s, students = home
+    store = open_configured_store(s)
+    try:
+        card = export_bundle(s, store, students["bow"], precision="int8")
+        assert PIN_PREFIX + card.bundle_version in store.pins(card.teacher_version)
+    finally:
+        store.close()
+    reg = BundleRegistry(s.bundles_dir)
+    if reg.pointer().serving is None:
+        reg.set_serving(reg.versions()[0])
+    runner = CliRunner()
+    result = runner.invoke(app, ["--home", str(s.home), "bundle", "delete", card.bundle_version])
+    assert result.exit_code == 0, result.output
+    assert card.bundle_version not in reg.versions()
+    assert not (s.bundles_dir / card.bundle_version).exists()
+    store = open_configured_store(s)
+    try:
+        assert PIN_PREFIX + card.bundle_version not in store.pins(card.teacher_version)
+    finally:
+        store.close()
+    serving = reg.pointer().serving
+    result = runner.invoke(app, ["--home", str(s.home), "bundle", "delete", serving])
+    assert result.exit_code == 2 and "promote another bundle first" in result.output
+    assert serving in reg.versions()

@@ -34,6 +34,7 @@ from codistill.config import ExportConfig, Settings
 from codistill.ranking import RankingExample
 from serving.bundle import (
     CANDIDATE_GRAPH,
+    PIN_PREFIX,
     QUERY_GRAPH,
     TOKENIZER_FILE,
     BundleCard,
@@ -46,8 +47,6 @@ from serving.bundle import (
 from serving.runtime import OnnxRanker, token_parity, top_order_agrees, top_overlap
 from serving.vectors import VectorCache, evaluate_bundle, example_scores
 from stores.base import Store
-
-PIN_PREFIX = "bundle:"
 
 
 def fuzz_strings(n: int, seed: int = 0) -> list[str]:
