@@ -34,7 +34,7 @@ import typer
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from codistill import console as cli
-from codistill.config import Settings
+from codistill.config import ServingSettings, Settings
 from codistill.fsio import atomic_write_json
 from codistill.gate import VALID, GateConfig, GateDecision, decide
 from codistill.metrics import per_query
@@ -46,7 +46,7 @@ from stores.base import CandidateStore, StoreError
 
 log = logging.getLogger("codistill.serving.watcher")
 
-DEFAULT_GATE = GateConfig(mode="non-inferiority")
+DEFAULT_GATE = ServingSettings().gate  # non-inferiority: the one default, in config
 #: rejection reasons besides ``guard:<name>`` (load_failed: hash/graph; promote_refused: probe)
 REASONS = ("valid", "load_failed", "promote_refused")
 

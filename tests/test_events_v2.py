@@ -354,25 +354,32 @@ class _Store:
         return np.array([c in self.known for c in ids])
 
 
-def test_the_online_trainers_reader_and_batcher_take_v1_and_v2() -> None:
-    from student.online.batching import build_batch
+def _trainer_validate(events: list, known: set[str]) -> tuple[list, Counter[str], list[bytes]]:
+    """The trainer's ``validate_records`` on ``events`` over a store knowing ``known``:
+    the valid (record, event) pairs, its counters, and what went to the DLQ."""
     from student.online.reader import validate_records
 
-    class _Producer:
-        sent: list[bytes] = []
+    dead: list[bytes] = []
 
+    class _Producer:
         def send(self, topic: str, key: str, value: bytes) -> None:
-            self.sent.append(value)
+            dead.append(value)
+
+    records = [Record("ev", 0, i, e.request_id, e.to_bytes(), 0) for i, e in enumerate(events)]
+    counts: Counter[str] = Counter()
+    dlq = DeadLetterQueue(_Producer(), "ev.dlq", registry=CollectorRegistry())
+    valid = validate_records(records, _Store(known), "t1", dlq, lambda _kind, _what, fn: fn(),
+                             lambda name, n=1: counts.update({name: n}))
+    return valid, counts, dead
+
+
+def test_the_online_trainers_reader_and_batcher_take_v1_and_v2() -> None:
+    from student.online.batching import build_batch
 
     events = [imp("r1", 0), fb("r1", 1, "b"),
               imp("r2", 1, version=2, unknown_candidate_ids=["c"], propensities=[0.5] * 3),
               fb("r2", 2, "a", version=2), imp("r9", 40, version=2, cands=("a", "b"))]
-    records = [Record("ev", 0, i, e.request_id, e.to_bytes(), 0) for i, e in enumerate(events)]
-    counts: Counter[str] = Counter()
-    dlq = DeadLetterQueue(_Producer(), "ev.dlq", registry=CollectorRegistry())
-    valid = validate_records(records, _Store({"a", "b"}), "t1", dlq,
-                             lambda _kind, _what, fn: fn(),
-                             lambda name, n=1: counts.update({name: n}))
+    valid, counts, dead = _trainer_validate(events, known={"a", "b"})
     # The r1 impression (v1) names "c", which the store lacks: dead-lettered as
     # before; r2 (v2) declared it unknown, so it passes.
     assert [ev.request_id for _, ev in valid] == ["r1", "r2", "r2", "r9"]
@@ -391,24 +398,11 @@ def test_a_click_on_a_candidate_the_server_declared_unknown_is_not_dead_lettered
     """The server ranks a new candidate with its fallback and lists it as unknown; a
     click on it is real feedback, and the server says so (v2 ``unknown_candidate``),
     because the store lacks the id until the teacher embeds it."""
-    from student.online.reader import validate_records
-
-    class _Producer:
-        sent: list[bytes] = []
-
-        def send(self, topic: str, key: str, value: bytes) -> None:
-            self.sent.append(value)
-
     events = [imp("r1", 0, version=2, unknown_candidate_ids=["c"]),
               fb("r1", 1, "c", version=2).model_copy(update={"unknown_candidate": True})]
-    records = [Record("ev", 0, i, e.request_id, e.to_bytes(), 0) for i, e in enumerate(events)]
-    counts: Counter[str] = Counter()
-    dlq = DeadLetterQueue(_Producer(), "ev.dlq", registry=CollectorRegistry())
-    valid = validate_records(records, _Store({"a", "b"}), "t1", dlq,
-                             lambda _kind, _what, fn: fn(),
-                             lambda name, n=1: counts.update({name: n}))
+    valid, counts, dead = _trainer_validate(events, known={"a", "b"})
     assert [type(ev).__name__ for _, ev in valid] == ["Impression", "Feedback"]
-    assert counts["dlq"] == 0 and _Producer.sent == []
+    assert counts["dlq"] == 0 and dead == []
     joiner = Joiner(10, 2)
     for _, ev in valid:
         joiner.add(ev)
