@@ -243,6 +243,7 @@ def test_watch_command_once_fails_cleanly_when_the_server_is_down(home, monkeypa
     app = typer.Typer()
     app.command()(watch_command)
     monkeypatch.setitem(cli._STATE, "home", home.home)
+    monkeypatch.setitem(cli._STATE, "config", None)  # no root callback ran: no stale --config
     env = {"CODISTILL_DATA__SIZE": home.data.size,
            "CODISTILL_TEACHER__MAX_SEQ_LENGTH": str(home.teacher.max_seq_length),
            "CODISTILL_SERVING__ADMIN_API_KEY": KEY}
