@@ -208,6 +208,8 @@ class OnlineTrainerConfig(Section):
                                      "stop: a fresh trainer replays that run exactly")
     poll_interval_s: float = Field(0.2, gt=0)
     metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port; 0 = off")
+    metrics_host: str = Field("127.0.0.1", description="address /metrics binds (0.0.0.0 "
+                              "in a container, so Prometheus can scrape it)")
     drift_delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence")
     drift_window: int = Field(2000, ge=1, description="inputs per drift signal kept (JSON) in "
                               "checkpoints to rebuild ADWIN on resume; exact while it covers "
@@ -256,7 +258,31 @@ class ExportConfig(Section):
     int8_order_agreement: float = Field(0.9, ge=0, le=1, description="int8: mean top-10 "
                                         "overlap with torch required")
     fuzz_strings: int = Field(500, ge=0, description="random strings in the token-parity check")
+    drift_reference: int = Field(500, ge=0, description="training queries embedded into the "
+                                 "bundle as the server's drift reference; 0 = none")
     seed: int = 0
+
+
+class MonitorSettings(Section):
+    """The server's quality and drift signals (``serving.monitor``), measured off the
+    request path by one background thread (``serving.monitor``)."""
+
+    enabled: bool = True
+    agreement_sample: float = Field(0.25, ge=0, le=1, description="share of ranked requests "
+                                    "whose order is compared with the teacher's soft label")
+    queue: int = Field(1_000, ge=1, description="requests waiting for the monitor; more are "
+                       "skipped (counted), never waited for")
+    mmd_window: int = Field(200, ge=10, description="recent query embeddings compared with "
+                            "the bundle's training-query reference")
+    mmd_every: int = Field(50, ge=1, description="queries between two MMD computations")
+    mmd_alpha: float = Field(0.01, gt=0, lt=1, description="a window whose permutation "
+                             "p-value is below this is a query_embedding detection")
+    mmd_permutations: int = Field(100, ge=10)
+    detector: Literal["adwin", "page-hinkley"] = Field("adwin", description="river drift "
+                                                       "detector run on every signal")
+    delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence")
+    hold_s: float = Field(60.0, ge=0, description="drift_state stays 1 this long after a "
+                          "detection, so a scrape cannot miss it")
 
 
 class ServingSettings(Section):
@@ -285,10 +311,43 @@ class ServingSettings(Section):
                                    "stay within this before it is swapped in")
     admin_api_key: str | None = Field(None, description="enables /v1/admin; compared in "
                                       "constant time; unset or empty = admin off")
+    monitor: MonitorSettings = MonitorSettings()
     gate: GateConfig = Field(GateConfig(mode="non-inferiority"), description="serve-watch: a "
                              "new bundle must be no worse than the serving one on valid and "
                              "every guard set")
     export: ExportConfig = ExportConfig()
+
+
+class WatcherSettings(Section):
+    """``codistill serve-watch``: where the server is, how often to look, its metrics."""
+
+    server_url: str | None = Field(None, description="default http://serving.host:serving.port")
+    interval_s: float = Field(30.0, gt=0, description="seconds between polls")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics; 0 = off")
+    metrics_host: str = "127.0.0.1"
+
+
+class TrafficSettings(Section):
+    """``codistill traffic``: a load generator that ranks real queries and clicks.
+
+    It sends ``/v1/rank`` for queries from ``sources`` in turn (each for
+    ``switch_after`` requests, the last until the end), then feedback drawn from a
+    position-biased click model on the known gold candidate, so online quality and the
+    drift panels have something to show.
+    """
+
+    server_url: str | None = Field(None, description="default http://serving.host:serving.port")
+    rate: float = Field(20.0, gt=0, description="rank requests per second")
+    requests: int | None = Field(None, ge=1, description="stop after this many; None = forever")
+    sources: list[str] = Field(["valid", "guard:nl2code-prose"], min_length=1,
+                               description="query sources in order: a split (train, valid, "
+                               "test) or guard:<name>")
+    switch_after: int = Field(600, ge=1, description="requests per source before the next")
+    click_eta: float = Field(1.0, ge=0, description="position bias: P(examine rank r) = "
+                             "1 / r^eta")
+    accept_share: float = Field(0.3, ge=0, le=1, description="clicks on the gold candidate "
+                                "that are also accepted")
+    seed: int = 0
 
 
 class Settings(BaseSettings):
@@ -305,6 +364,8 @@ class Settings(BaseSettings):
     distill: DistillConfig = DistillConfig()
     online: OnlineTrainerConfig = OnlineTrainerConfig()
     serving: ServingSettings = ServingSettings()
+    watcher: WatcherSettings = WatcherSettings()
+    traffic: TrafficSettings = TrafficSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -149,6 +149,15 @@ class Subwords:
         """Compact id of the most frequent kept subword (after padding and the OOV buckets)."""
         return 1 + self.oov_buckets
 
+    def is_oov(self, ids: np.ndarray) -> np.ndarray:
+        """True where a compact id is an out-of-vocabulary bucket (not padding).
+
+        >>> tok = Subwords(max_vocab=2, oov_buckets=2)
+        >>> tok.is_oov(np.array([0, 1, 2, 3])).tolist()
+        [False, True, True, False]
+        """
+        return (ids >= 1) & (ids <= self.oov_buckets)
+
     def token_text(self, compact_id: int) -> str:
         """The subword behind a kept compact id as plain text (``##ing`` -> ``ing``)."""
         if not self.first_kept_id <= compact_id < self.vocab_size:

@@ -43,6 +43,7 @@ from codistill.ids import candidate_id, query_id
 from serving.bundle import BundleError
 from serving.events_out import EventSink, Outgoing
 from serving.host import Loaded, ModelHost, NoPreviousBundle
+from serving.monitor import Observation, QualityMonitor
 from serving.schemas import (
     AdminResult,
     BundleInfo,
@@ -108,8 +109,10 @@ class Server:
     """The state behind the routes: settings, host, store, events, metrics."""
 
     def __init__(self, cfg: ServingSettings, host: ModelHost, store: CandidateStore | None,
-                 sink: EventSink, metrics: ServingMetrics) -> None:
+                 sink: EventSink, metrics: ServingMetrics,
+                 monitor: QualityMonitor | None = None) -> None:
         self.cfg, self.host, self.store, self.sink, self.metrics = cfg, host, store, sink, metrics
+        self.monitor = monitor
         self.impressions = ImpressionMemory(cfg.impressions_kept)
 
     # -- /v1/rank ------------------------------------------------------------------------
@@ -189,7 +192,8 @@ class Server:
         start = time.perf_counter()
         c, fallback = self._vectors(lo, req, ids)
         ranker = lo.ranker
-        scores = ranker.scores(ranker.embed_queries([req.query])[0], c)
+        qvec, n_tokens, n_oov = ranker.embed_query_counted(req.query)
+        scores = ranker.scores(qvec, c)
         top_k = min(req.top_k or self.cfg.default_top_k, len(ids))
         order = np.argsort(-scores, kind="stable")[:top_k]
         version = lo.version
@@ -203,7 +207,17 @@ class Server:
         n_fallback = int(fallback.sum())
         if n_fallback:
             m.fallbacks.labels(version).inc(n_fallback)
+        m.impressions.labels(version).inc()
+        m.query_tokens.labels(version).inc(n_tokens)
+        m.query_oov.labels(version).inc(n_oov)
         qid = query_id(req.query)
+        if self.monitor is not None:
+            card = ranker.card
+            ref = card.drift.get("reference")
+            self.monitor.submit(Observation(
+                version, card.teacher_version, qid, qvec, tuple(ids), scores,
+                n_oov / max(1, n_tokens), n_fallback / max(1, len(ids)),
+                ranker.folder / ref if ref else None))
         unknown = [ids[i] for i in order if fallback[i]]
         self.impressions.put(request_id, Served(qid, tuple(shown), version, frozenset(unknown)))
         if self.cfg.emit_events:
@@ -225,6 +239,8 @@ class Server:
             raise _unprocessable(f"candidate_id {req.candidate_id!r} was not shown in "
                                  f"request {req.request_id!r}")
         position = served.candidate_ids.index(req.candidate_id) + 1
+        if self.metrics.holds(served.model_version):  # an unloaded version's series stay gone
+            self.metrics.observe_feedback(served.model_version, req.action, position)
         if self.cfg.emit_events:
             fb = Feedback.v2(request_id=req.request_id, candidate_id=req.candidate_id,
                              action=req.action, position=position, dwell_ms=req.dwell_ms,
@@ -294,6 +310,8 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
         m.queue_depth.set(server.sink.depth())
+        if server.monitor is not None:
+            server.monitor.refresh()
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
     def _admin(key: str | None) -> None:

@@ -9,6 +9,8 @@ file                  content
                       ``[batch, seq]`` -> L2-normalised float32 ``embeddings [batch, d]``)
 ``candidate.onnx``    the candidate tower, when the student has one
 ``tokenizer.json``    the WordPiece file the student's subwords were cut from
+``drift-reference.npy`` float16 query-tower embeddings of up to 500 training queries:
+                      the reference the server measures query drift (MMD) against
 ``bundle.json``       the :class:`BundleCard`: versions, kind, logit scale, lengths, opset,
                       precision, the compact vocabulary, metrics and parity at export,
                       and the sha256 of every other file
@@ -55,6 +57,7 @@ POINTER_FILE = "serving.json"
 QUERY_GRAPH = "query.onnx"
 CANDIDATE_GRAPH = "candidate.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+DRIFT_REFERENCE = "drift-reference.npy"
 PIN_PREFIX = "bundle:"  # a bundle's durable pin on its teacher version: bundle:<version>
 DELETING = ".deleting-"  # a bundle on its way out: no longer listed or loadable
 _NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
@@ -96,6 +99,8 @@ class BundleCard(BaseModel):
     parity: dict[str, Any] = Field(default_factory=dict, description="checks run at export")
     source: dict[str, Any] = Field(default_factory=dict,
                                    description="where the weights came from (checkpoint...)")
+    drift: dict[str, Any] = Field(default_factory=dict, description="the drift reference: "
+                                  "file of training-query embeddings, count, their OOV share")
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     @property

@@ -41,7 +41,12 @@ def build_server(settings: Settings, *, bundle: str | None = None):  # -> Server
                      audit_log=settings.home / "serving" / "audit.jsonl")
     host.promote(registry.resolve(bundle or cfg.bundle), reason="startup")
     sink = EventSink(stream, settings.stream.topic, metrics, store, cfg.event_queue)
-    return Server(cfg, host, store, sink, metrics)
+    monitor = None
+    if cfg.monitor.enabled:
+        from serving.monitor import QualityMonitor
+
+        monitor = QualityMonitor(cfg.monitor, metrics, store).start()
+    return Server(cfg, host, store, sink, metrics, monitor)
 
 
 def serve(settings: Settings, bundle: str | None = None) -> None:
@@ -62,6 +67,8 @@ def serve(settings: Settings, bundle: str | None = None) -> None:
         uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level="warning",
                     access_log=False)
     finally:
+        if server.monitor is not None:
+            server.monitor.close()
         server.sink.close()  # drains the queue into the log first
         stream = server.sink.producer
         if stream is not None and hasattr(stream, "close"):

@@ -98,17 +98,27 @@ class OnnxRanker:
     def scale(self) -> float:
         return self.card.logit_scale
 
-    def _run(self, role: str, texts: Sequence[str], max_len: int) -> np.ndarray:
+    def _run(self, role: str, texts: Sequence[str], max_len: int
+             ) -> tuple[np.ndarray, np.ndarray]:
         if not texts:
-            return np.zeros((0, self.card.embedding_dim), dtype=np.float32)
+            return np.zeros((0, self.card.embedding_dim), dtype=np.float32), np.zeros((0, 1))
         ids, mask = self.tokenizer.encode(list(texts), max_len)
         out = self._sessions[role].run(["embeddings"], {"input_ids": ids,
                                                         "attention_mask": mask})[0]
-        return normalize(out.astype(np.float32, copy=False))
+        return normalize(out.astype(np.float32, copy=False)), ids
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
         """``[n, d]`` unit query embeddings."""
-        return self._run("query", texts, self.card.query_max_len)
+        return self._run("query", texts, self.card.query_max_len)[0]
+
+    def embed_query_counted(self, text: str) -> tuple[np.ndarray, int, int]:
+        """One query's unit embedding, its subword count and how many are out of vocabulary.
+
+        The counts come from the ids the graph ran on (after truncation), so the OOV
+        share is exactly what the student saw.
+        """
+        vecs, ids = self._run("query", [text], self.card.query_max_len)
+        return vecs[0], int((ids > 0).sum()), int(self.tokenizer.is_oov(ids).sum())
 
     def embed_candidates(self, texts: Sequence[str]) -> np.ndarray:
         """``[n, d]`` unit embeddings of candidate *texts*.
@@ -118,7 +128,7 @@ class OnnxRanker:
         store has no teacher vector for).
         """
         role = "candidate" if "candidate" in self._sessions else "query"
-        return self._run(role, texts, self.card.candidate_max_len)
+        return self._run(role, texts, self.card.candidate_max_len)[0]
 
     def scores(self, query_vec: np.ndarray, candidate_vecs: np.ndarray) -> np.ndarray:
         """``logit_scale * cosine`` of one query ``[d]`` against candidates ``[k, d]``."""

@@ -355,10 +355,14 @@ def _print(result: PollResult) -> None:
 
 def watch_command(
     server_url: Annotated[str | None, typer.Option(
-        help="the server (default http://serving.host:serving.port)")] = None,
-    interval: Annotated[float, typer.Option(min=0.1, help="seconds between polls")] = 30.0,
-    metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port; 0 = off")] = 0,
-    metrics_host: Annotated[str, typer.Option(help="address /metrics binds")] = "127.0.0.1",
+        help="the server (default watcher.server_url, else http://serving.host:serving.port)"
+    )] = None,
+    interval: Annotated[float | None, typer.Option(
+        min=0.1, help="seconds between polls (default watcher.interval_s, 30)")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Prometheus /metrics port (default watcher.metrics_port; 0 = off)")] = None,
+    metrics_host: Annotated[str | None, typer.Option(
+        help="address /metrics binds (default watcher.metrics_host)")] = None,
     trainer_only: Annotated[bool, typer.Option(
         help="only bundles whose card source names a trainer")] = False,
     once: Annotated[bool, typer.Option(help="poll once and exit")] = False,
@@ -367,13 +371,16 @@ def watch_command(
     from stores import open_configured_store
 
     s = cli.settings()
-    cfg = s.serving
+    cfg, w = s.serving, s.watcher
     if not cfg.admin_api_key:
         raise cli.fail(ValueError("the watcher promotes through /v1/admin: set "
                                   "serving.admin_api_key (CODISTILL_SERVING__ADMIN_API_KEY) "
                                   "to the server's key"))
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
-    url = server_url or f"http://{host}:{cfg.port}"
+    url = server_url or w.server_url or f"http://{host}:{cfg.port}"
+    interval = interval if interval is not None else w.interval_s
+    metrics_port = w.metrics_port if metrics_port is None else metrics_port
+    metrics_host = metrics_host or w.metrics_host
     try:
         store = open_configured_store(s)
     except StoreError as exc:

@@ -57,7 +57,12 @@ def test_cli_export_checks_publishes_pins_and_is_idempotent(home) -> None:
     assert set(reg.versions()) == {*before, version}
     card = reg.verify(version)
     assert card.student_version == students["asym-bow"] and not card.has_candidate_tower
-    assert set(card.files) == {"query.onnx", "tokenizer.json"}
+    assert set(card.files) == {"query.onnx", "tokenizer.json", "drift-reference.npy"}
+    ref = np.load(reg.path(version) / card.drift["reference"])
+    n_train = len({ex.query for ex in ds.read_split(s, "train")})
+    assert ref.shape == (min(500, n_train), card.embedding_dim) == (card.drift["queries"],
+                                                                     card.embedding_dim)
+    assert 0 <= card.drift["oov_share"] < 0.5
     assert card.parity["failures"] == [] and card.parity["max_score_diff"] < 1e-3
     assert card.parity["top10_order_agreement"] == 1.0
     assert card.parity["lists"] == len(ds.read_split(s, "valid"))

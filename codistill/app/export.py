@@ -34,6 +34,7 @@ from codistill.config import ExportConfig, Settings
 from codistill.ranking import RankingExample
 from serving.bundle import (
     CANDIDATE_GRAPH,
+    DRIFT_REFERENCE,
     PIN_PREFIX,
     QUERY_GRAPH,
     TOKENIZER_FILE,
@@ -117,6 +118,24 @@ def score_parity(student: Any, ranker: OnnxRanker, vectors: VectorCache | None,
     return report
 
 
+def drift_reference(ranker: OnnxRanker, train: Sequence[RankingExample], folder: Path,
+                    cfg: ExportConfig) -> dict[str, Any]:
+    """Embed a seeded sample of training queries with the bundle's own query graph.
+
+    The server compares recent queries with these (MMD), so they must be what *this*
+    graph produces; the training OOV share is kept as the baseline of the served one.
+    """
+    queries = list(dict.fromkeys(ex.query for ex in train))
+    if cfg.drift_reference == 0 or len(queries) < 2:
+        return {}
+    queries = random.Random(cfg.seed).sample(queries, min(cfg.drift_reference, len(queries)))
+    np.save(folder / DRIFT_REFERENCE, ranker.embed_queries(queries).astype(np.float16))
+    ids, _ = ranker.tokenizer.encode(queries, ranker.card.query_max_len)
+    oov = float(ranker.tokenizer.is_oov(ids).sum() / max(1, int((ids > 0).sum())))
+    return {"reference": DRIFT_REFERENCE, "queries": len(queries), "split": "train",
+            "oov_share": oov}
+
+
 def export_bundle(settings: Settings, store: Store, student_version: str | None = None, *,
                   precision: Precision = "fp32", cfg: ExportConfig | None = None,
                   source: dict[str, Any] | None = None,
@@ -170,6 +189,7 @@ def export_bundle(settings: Settings, store: Store, student_version: str | None 
             metrics=dict(scard.metrics), source=source or {"student_version": version})
         ranker = OnnxRanker(staged, card, settings.serving.threads,
                             settings.serving.graph_optimization)
+        card.drift = drift_reference(ranker, read_split(settings, "train"), staged, cfg)
         texts = _queries(settings) + fuzz_strings(cfg.fuzz_strings, cfg.seed)
         log(f"token parity on {len(texts)} texts")
         bad = token_parity(ranker.tokenizer, model.tokenizer, texts,

@@ -238,7 +238,7 @@ class OnlineTrainer:
             self._commit()  # a crash between checkpoint and commit left the group behind
         self.metrics.info.labels(name=cfg.name, teacher_version=self.version).set(1)
         self.metrics.last_checkpoint.set(max(self._last_ckpt, 0))
-        self.metrics.serve(cfg.metrics_port)
+        self.metrics.serve(cfg.metrics_port, cfg.metrics_host)
 
     def _take_lock(self) -> None:
         """One writer per checkpoint directory: a second trainer of the same name refuses."""
