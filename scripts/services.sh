@@ -12,7 +12,9 @@
 #   kafka       CODISTILL_KAFKA_PORT              (19092)
 #               CODISTILL_KAFKA_CONTROLLER_PORT   (19093)
 #   prometheus  CODISTILL_PROMETHEUS_PORT         (19090)
-# State (pid file, config, data, log) lives in <repo>/.services/<name>/.
+# State (pid file, config, data, log) lives in <repo>/.services/<name>/
+# (CODISTILL_SERVICES_STATE moves it: scripts/stack.sh keeps its own instances apart).
+# CODISTILL_PROMETHEUS_RULES names a folder whose *.yml rule files Prometheus loads.
 # `start` is idempotent, installs what is missing (install_system.sh,
 # kafka_fetch.sh), waits until the service really answers (timeout
 # CODISTILL_SERVICE_TIMEOUT, 60 s) and then writes .services/<name>.address,
@@ -21,7 +23,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-STATE=$ROOT/.services
+STATE=${CODISTILL_SERVICES_STATE:-$ROOT/.services}
 SERVICES=(redis kafka prometheus)
 TIMEOUT=${CODISTILL_SERVICE_TIMEOUT:-60}
 
@@ -288,10 +290,15 @@ start_prometheus() {
     mkdir -p "$dir/data" "$dir/targets"
     # Tests add scrape targets by dropping file-SD JSON files into targets/;
     # 1 s intervals so a value shows up in a query within a few seconds.
+    local rules=""
+    if [[ -n ${CODISTILL_PROMETHEUS_RULES:-} ]]; then
+        rules="rule_files: [\"$(cd "$CODISTILL_PROMETHEUS_RULES" && pwd)/*.yml\"]"
+    fi
     cat >"$dir/prometheus.yml" <<EOF
 global:
   scrape_interval: 1s
   evaluation_interval: 1s
+$rules
 scrape_configs:
   - job_name: codistill
     file_sd_configs:

@@ -97,6 +97,8 @@ class ServingMetrics:
                                  [*v, "signal"], registry=r)
         self.drift_events = Counter(p + "drift_events_total", "Drift detections",
                                     [*v, "signal"], registry=r)
+        for reason in ("no_label", "no_overlap", "store_error", "queue_full"):
+            self.agreement_skipped.labels(reason)
         self._info: dict[str, tuple[str, ...]] = {}
 
     def set_slot(self, version: str, slot: str, kind: str, teacher: str, precision: str) -> None:
@@ -105,6 +107,9 @@ class ServingMetrics:
             self.model_info.remove(*old)
         labels = (version, slot, kind, teacher, precision)
         self.model_info.labels(*labels).set(1)
+        for counter in (self.candidates, self.fallbacks, self.impressions, self.query_tokens,
+                        self.query_oov):
+            counter.labels(version)  # exported at 0 from the start: a rate() is 0, not absent
         self._info[version] = labels
 
     def labelled_versions(self) -> list[str]:

@@ -203,6 +203,11 @@ class Watcher:
         self.registry = BundleRegistry(settings.bundles_dir)
         self.client = AdminClient(server_url, api_key, http_timeout_s)
         self.metrics = WatcherMetrics()
+        from tasks.dataset import built_guards
+
+        # every reason exported at 0 from the start: an increase() is 0, not absent
+        for reason in [VALID, *(f"guard:{g}" for g in built_guards(settings))]:
+            self.metrics.rejections.labels(reason)
         folder = settings.home / "serving"
         self.state_path = folder / "watcher.json"
         self.decisions_path = folder / "gate-decisions.jsonl"

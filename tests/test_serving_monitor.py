@@ -3,6 +3,7 @@ agreement, OOV share, MMD drift, detectors, and series removed with their bundle
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import numpy as np
@@ -110,9 +111,10 @@ def test_a_query_shift_raises_mmd_and_the_detectors_fire(env) -> None:
     ranker = OnnxRanker(reg.path(v), reg.verify(v))
     metrics = ServingMetrics()
     metrics.set_slot(v, "serving", "asym-bow", ranker.card.teacher_version, "fp32")
-    mon = QualityMonitor(MonitorSettings(mmd_window=40, mmd_every=10, hold_s=3600),
+    mon = QualityMonitor(MonitorSettings(mmd_window=20, mmd_every=10, hold_s=3600),
                          metrics, labels=None)
     train = [ex.query for ex in ds.read_split(s, "train")]
+    random.Random(0).shuffle(train)  # the file is ordered by package: traffic is not
     for obs in _observations(ranker, (train * 4)[:160], v, oov=0.02):
         mon.process(obs)
     calm = _value(metrics, "codistill_serving_drift_mmd", model_version=v)

@@ -19,7 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import typer  # noqa: E402
 
 from codistill import console as cli  # noqa: E402
+from codistill.app.monitor import monitor_app  # noqa: E402
 from codistill.app.online import student_online  # noqa: E402
+from codistill.app.stack import stack_app  # noqa: E402
+from codistill.app.traffic import traffic_command  # noqa: E402
 from codistill.config import Size  # noqa: E402
 from serving.commands import bundle_app  # noqa: E402
 from serving.watcher import watch_command  # noqa: E402
@@ -40,6 +43,9 @@ app.add_typer(events_app, name="events")
 app.add_typer(student_app, name="student")
 app.add_typer(bundle_app, name="bundle")
 app.command("serve-watch")(watch_command)
+app.add_typer(monitor_app, name="monitor")
+app.add_typer(stack_app, name="stack")
+app.command("traffic")(traffic_command)
 
 student_app.command("online")(student_online)  # it publishes bundles: an app command
 

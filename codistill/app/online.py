@@ -99,7 +99,9 @@ def student_online(
     until_end: Annotated[bool | None, typer.Option(
         help="stop at the end of the log seen at start")] = None,
     max_batches: Annotated[int | None, typer.Option(help="stop after this many batches")] = None,
-    init_student: Annotated[Path | None, typer.Option(help="warm start from a student folder")] = None,
+    init_student: Annotated[Path | None, typer.Option(
+        help="warm start from a student folder, or 'current': the registry's current "
+        "student")] = None,
     metrics_port: Annotated[int | None, typer.Option(
         help="Prometheus /metrics port (default 0 = off)")] = None,
     accept_changes: Annotated[bool, typer.Option(
@@ -130,6 +132,14 @@ def student_online(
     from student.online.checkpoint import CheckpointError
 
     s = cli.settings()
+    if init_student == Path("current") and not init_student.exists():
+        from student.registry import student_registry
+
+        reg = student_registry(s.home)
+        try:
+            init_student = reg.path(reg.resolve("current"))
+        except (LookupError, FileNotFoundError, ValueError) as exc:
+            raise cli.fail(exc) from None
     cfg = _with_flags(s.online, name=name, batch_size=batch_size,
                       checkpoint_every=checkpoint_every, alpha=alpha, lr=lr, until_end=until_end,
                       max_batches=max_batches, init_student=init_student,
