@@ -38,7 +38,7 @@ app_commands() {
     cat <<'CMDS'
 prepare	codistill stack prepare
 server	codistill serve
-trainer	codistill student online --init-student current --lr 1e-4 --max-batch-wait-s 2 --publish-every 30
+trainer	codistill student online --init-student current --lr 1e-4 --max-batch-wait-s 2 --publish-every 200
 watcher	codistill serve-watch
 traffic	codistill traffic
 CMDS
@@ -119,8 +119,14 @@ run_app() {
         (cd "$ROOT" && exec setsid env $(app_env) PATH="$ROOT/.venv/bin:$PATH" $argv \
             </dev/null >>"$LOGS/$name.log" 2>&1) &
         echo $! >"$STATE/$name.pid"
-    else
-        (cd "$ROOT" && env $(app_env) PATH="$ROOT/.venv/bin:$PATH" $argv) >>"$LOGS/$name.log" 2>&1
+    else  # in the foreground, but with a pid file, so a `down` meanwhile stops it too
+        (cd "$ROOT" && exec env $(app_env) PATH="$ROOT/.venv/bin:$PATH" $argv \
+            </dev/null >>"$LOGS/$name.log" 2>&1) &
+        echo $! >"$STATE/$name.pid"
+        local rc=0
+        wait $! || rc=$?
+        rm -f "$STATE/$name.pid"
+        return $rc
     fi
 }
 
@@ -168,6 +174,8 @@ up() {
         tail -n 30 "$LOGS/setup.log" >&2
         exit 1
     fi
+    # interrupted half-way (Ctrl-C, a killed caller): stop what was started
+    trap 'log "interrupted"; down; exit 130' INT TERM
     for name in redis kafka prometheus; do services start "$name" || { down; exit 1; }; done
     write_targets
     log "prepare: data, teacher vectors, student, bundle, topics (log: $LOGS/prepare.log)"
@@ -177,6 +185,7 @@ up() {
         wait_ready "$name"
         log "$name up (pid $(pid_of "$name"))"
     done
+    trap - INT TERM
     cat <<EOF
 codistill stack is up ($((SECONDS - t0)) s), all on 127.0.0.1:
   server      http://127.0.0.1:$SERVER_PORT   (POST /v1/rank, /v1/feedback; /docs, /metrics, /readyz)
@@ -210,6 +219,7 @@ stop_app() {
 down() {
     local i
     for ((i = ${#APPS[@]} - 1; i >= 0; i--)); do stop_app "${APPS[i]}"; done
+    stop_app prepare
     [[ -d $STATE/services ]] && services stop all
     # The trainer's checkpoints name offsets of the Kafka log just removed: a next `up`
     # starts a fresh trainer instead of refusing a resume past the log's end.

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
 
@@ -30,6 +29,7 @@ from student.registry import student_registry
 from tasks import dataset as ds
 from tests.helpers.online import read_topic
 from tests.helpers.redis_process import free_port
+from tests.helpers.serving import close_server, serve_in_thread
 
 KEY = "s3cret-admin-key"
 
@@ -56,8 +56,7 @@ def env(serving_env, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]
 def server(env):
     srv = build_server(env["settings"], bundle=env["bundles"]["asym-bow"])
     yield srv
-    srv.sink.close()
-    srv.store.close()
+    close_server(srv)
 
 
 @pytest.fixture()
@@ -257,54 +256,44 @@ def test_admin_is_off_without_a_key(env, key):
 def test_hot_swaps_under_load_fail_no_request(env, server):
     """Requests in flight across every swap; both versions answer; zero failures."""
     port = free_port()
-    config = uvicorn.Config(create_app(server), host="127.0.0.1", port=port,
-                            log_level="error", access_log=False)
-    web = uvicorn.Server(config)
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not web.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert web.started
-    ex = ds.read_split(env["settings"], "test")[2]
-    payload = json.dumps({"query": ex.query, "candidates": [
-        {"id": i} for i in ex.candidate_ids]}).encode()
-    stop = threading.Event()
-    seen: list[str] = []
-    failures: list[Any] = []
+    with serve_in_thread(server, port):
+        ex = ds.read_split(env["settings"], "test")[2]
+        payload = json.dumps({"query": ex.query, "candidates": [
+            {"id": i} for i in ex.candidate_ids]}).encode()
+        stop = threading.Event()
+        seen: list[str] = []
+        failures: list[Any] = []
 
-    def load() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        while not stop.is_set():
-            try:
-                conn.request("POST", "/v1/rank", payload, {"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                body = resp.read()
-                if resp.status != 200:
-                    failures.append((resp.status, body[:200]))
-                else:
-                    seen.append(json.loads(body)["model_version"])
-            except Exception as exc:  # any transport error is a failed request
-                failures.append(repr(exc))
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        def load() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            while not stop.is_set():
+                try:
+                    conn.request("POST", "/v1/rank", payload, {"Content-Type": "application/json"})
+                    resp = conn.getresponse()
+                    body = resp.read()
+                    if resp.status != 200:
+                        failures.append((resp.status, body[:200]))
+                    else:
+                        seen.append(json.loads(body)["model_version"])
+                except Exception as exc:  # any transport error is a failed request
+                    failures.append(repr(exc))
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
 
-    workers = [threading.Thread(target=load) for _ in range(4)]
-    for w in workers:
-        w.start()
-    b = env["bundles"]
-    versions = [b["asym-int8"], b["asym-bow"]] * 4
-    try:
-        for v in versions:
-            time.sleep(0.15)
-            server.host.promote(v, reason="test")
-        time.sleep(0.15)
-    finally:
-        stop.set()
+        workers = [threading.Thread(target=load) for _ in range(4)]
         for w in workers:
-            w.join(10)
-        web.should_exit = True
-        thread.join(10)
-    assert failures == []
+            w.start()
+        b = env["bundles"]
+        versions = [b["asym-int8"], b["asym-bow"]] * 4
+        try:
+            for v in versions:
+                time.sleep(0.15)
+                server.host.promote(v, reason="test")
+            time.sleep(0.15)
+        finally:
+            stop.set()
+            for w in workers:
+                w.join(10)
+        assert failures == []
     assert {b["asym-int8"], b["asym-bow"]} <= set(seen) and len(seen) > 50
 
 

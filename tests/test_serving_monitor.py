@@ -21,6 +21,7 @@ from serving.runtime import OnnxRanker
 from serving.telemetry import ServingMetrics
 from stores import open_configured_store
 from tasks import dataset as ds
+from tests.helpers.serving import close_server
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +44,7 @@ def env(serving_env, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]
 def server(env):
     srv = build_server(env["settings"], bundle=env["version"])
     yield srv
-    srv.monitor.close()
-    srv.sink.close()
-    srv.store.close()
+    close_server(srv)
 
 
 def _value(m: ServingMetrics, name: str, **labels: str) -> float:

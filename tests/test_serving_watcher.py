@@ -6,7 +6,6 @@ import contextlib
 import http.client
 import json
 import shutil
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,20 +15,20 @@ from typing import Any
 import numpy as np
 import pytest
 import typer
-import uvicorn
 from typer.testing import CliRunner
 
 from codistill import console as cli
 from codistill.app.export import export_bundle
 from codistill.config import DistillConfig, Settings
 from codistill.gate import GateConfig, decide
-from serving.app import Server, create_app
+from serving.app import Server
 from serving.bundle import BundleRegistry
 from serving.commands import build_server
 from serving.watcher import Watcher, judge_bundle, rejection_reason, watch_command
 from stores import open_configured_store
 from tasks import dataset as ds
 from tests.helpers.redis_process import free_port
+from tests.helpers.serving import close_server, serve_in_thread
 
 KEY = "watcher-admin-key"
 # The small home has 12 valid lists: a tolerance of 0.01 MRR is below their noise (the
@@ -106,22 +105,11 @@ def _drop(s: Settings, version: str) -> None:
 def running_server(s: Settings, port: int | None = None) -> Iterator[tuple[Server, str]]:
     """``codistill serve`` in a thread: the registry's serving bundle, admin API on."""
     srv = build_server(s)
-    port = port or free_port()
-    web = uvicorn.Server(uvicorn.Config(create_app(srv), host="127.0.0.1", port=port,
-                                        log_level="error", access_log=False))
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not web.started and time.monotonic() < deadline:
-        time.sleep(0.02)
     try:
-        assert web.started
-        yield srv, f"http://127.0.0.1:{port}"
+        with serve_in_thread(srv, port) as url:
+            yield srv, url
     finally:
-        web.should_exit = True
-        thread.join(10)
-        srv.sink.close()
-        srv.store.close()
+        close_server(srv)
 
 
 def _served_by(s: Settings, url: str) -> str:

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import typer
-import uvicorn
 from typer.testing import CliRunner
 
 from codistill import console as cli
@@ -31,11 +30,11 @@ from codistill.app.traffic import (
     traffic_command,
 )
 from codistill.config import Settings
-from serving.app import create_app
 from serving.bundle import BundleRegistry
 from serving.commands import build_server
 from stores import open_configured_store
 from tests.helpers.redis_process import free_port
+from tests.helpers.serving import close_server, serve_in_thread
 
 FEEDBACK_OK = 'codistill_serving_requests_total{endpoint="/v1/feedback",status="200"}'
 RANK_OK = 'codistill_serving_requests_total{endpoint="/v1/rank",status="200"}'
@@ -60,22 +59,11 @@ def home(serving_env, tmp_path_factory: pytest.TempPathFactory) -> Settings:
 def url(home: Settings) -> Iterator[str]:
     """``codistill serve`` in a thread on a free loopback port."""
     srv = build_server(home)
-    port = free_port()
-    web = uvicorn.Server(uvicorn.Config(create_app(srv), host="127.0.0.1", port=port,
-                                        log_level="error", access_log=False))
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not web.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert web.started
-    yield f"http://127.0.0.1:{port}"
-    web.should_exit = True
-    thread.join(10)
-    if getattr(srv, "monitor", None) is not None:
-        srv.monitor.close()
-    srv.sink.close()
-    srv.store.close()
+    try:
+        with serve_in_thread(srv) as address:
+            yield address
+    finally:
+        close_server(srv)
 
 
 def _metric(url: str, series: str) -> float:

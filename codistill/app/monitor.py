@@ -292,10 +292,11 @@ def snapshot(prometheus_url: str, out_png: Path | str,
             f"{datetime.fromtimestamp(end, UTC).strftime('%H:%M:%S')} UTC")
     title = f"{board.get('title', 'dashboard')}: {span}, step {step:g}s, {prometheus_url}"
     _render(panels, annotations, out_png, title, columns, (start, end))
-    for panel in panels:  # the points themselves stay out of the summary
+    for panel in panels:  # every point drawn is in the JSON: the figure's numbers
         for query in panel["queries"]:
             for s in query["series"]:
-                del s["_values"]
+                s["values"] = [[int(t), None if v is None else float(f"{v:.5g}")]
+                               for t, v in ((t, _finite(v)) for t, v in s.pop("_values"))]
     json_path = out_png.with_suffix(".json")
     json_path.write_text(json.dumps({
         "prometheus": prometheus_url, "dashboard": board.get("uid"), "png": out_png.name,

@@ -8,6 +8,10 @@ distilled for a few epochs: ``asym-bow`` (query tower only, current) and ``bow``
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +53,39 @@ def serving_home(home: Path, **overrides: Any) -> tuple[Settings, dict[str, str]
                             init="random" if kind == "bow" else "teacher")
         students[kind] = distill(s, cfg, progress=False, set_current=True)["student_version"]
     return s, students
+
+
+@contextlib.contextmanager
+def serve_in_thread(server: Any, port: int | None = None) -> Iterator[str]:
+    """A built ``Server`` under uvicorn in a thread on a loopback port; yields its URL.
+
+    Stops uvicorn on exit; closing the server (sink, store, monitor) is the caller's.
+    """
+    import uvicorn
+
+    from serving.app import create_app
+    from tests.helpers.redis_process import free_port
+
+    port = port or free_port()
+    web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port,
+                                        log_level="error", access_log=False))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not web.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        assert web.started, "uvicorn did not start within 20 s"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        web.should_exit = True
+        thread.join(10)
+
+
+def close_server(server: Any) -> None:
+    """Stop what ``build_server`` opened: the monitor thread, the event sink, the store."""
+    if getattr(server, "monitor", None) is not None:
+        server.monitor.close()
+    server.sink.close()
+    if server.store is not None:
+        server.store.close()
