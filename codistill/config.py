@@ -275,12 +275,8 @@ class MonitorSettings(Section):
     mmd_window: int = Field(50, ge=10, description="recent distinct queries whose embeddings "
                             "are compared with the training queries and the baseline window")
     mmd_every: int = Field(25, ge=1, description="queries between two MMD computations")
-    mmd_alpha: float = Field(0.001, gt=0, lt=1, description="a window whose permutation "
-                             "p-value against the baseline window is below this is a "
-                             "query_embedding detection (about one false alarm per 1/alpha "
-                             "windows of unchanged traffic)")
-    mmd_permutations: int = Field(2000, ge=10, description="resolution of the p-value: "
-                                  "1 / (permutations + 1) must be below mmd_alpha")
+    mmd_permutations: int = Field(200, ge=10, description="permutations behind each "
+                                  "window's p-value against the baseline window")
     detector: Literal["adwin", "page-hinkley"] = Field("adwin", description="river drift "
                                                        "detector run on every signal")
     delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence")

@@ -112,6 +112,9 @@ class Detector:
         ADWIN's confidence; Page-Hinkley uses river's defaults.
     hold_s
         :meth:`in_drift` stays True this long after a detection.
+    clock
+        ADWIN looks for a change every ``clock`` updates (river's 32 suits a value per
+        request; a value per window wants 1).
 
     Examples
     --------
@@ -124,12 +127,12 @@ class Detector:
     """
 
     def __init__(self, kind: DetectorKind = "adwin", delta: float = 0.002,
-                 hold_s: float = 60.0) -> None:
+                 hold_s: float = 60.0, clock: int = 32) -> None:
         from river import drift  # slow to import: only when a detector is built
 
         self.kind, self.hold_s = kind, hold_s
         if kind == "adwin":
-            self._d: Any = drift.ADWIN(delta=delta)
+            self._d: Any = drift.ADWIN(delta=delta, clock=clock)
         elif kind == "page-hinkley":
             self._d = drift.PageHinkley()
         else:
@@ -147,15 +150,6 @@ class Detector:
             self.last_detection = time.monotonic() if now is None else now
             return True
         return False
-
-    def record(self, now: float | None = None) -> bool:
-        """A detection made outside river (a window test): holds the state again;
-        True, and counted, only when it starts a new episode."""
-        now = time.monotonic() if now is None else now
-        new = not self.in_drift(now)
-        self.detections += new
-        self.last_detection = now
-        return new
 
     def in_drift(self, now: float | None = None) -> bool:
         if self.last_detection is None:
