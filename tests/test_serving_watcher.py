@@ -242,3 +242,20 @@ def test_watch_command_once_fails_cleanly_when_the_server_is_down(home, monkeypa
     no_key = CliRunner().invoke(app, ["--once"], env={**env,
                                                       "CODISTILL_SERVING__ADMIN_API_KEY": ""})
     assert no_key.exit_code == 2 and "admin_api_key" in no_key.output
+
+
+def test_watch_command_finds_the_server_through_the_watcher_section(home, monkeypatch) -> None:
+    """``watcher.server_url`` (how a container names the server) is where it polls."""
+    app = typer.Typer()
+    app.command()(watch_command)
+    monkeypatch.setitem(cli._STATE, "home", home.home)
+    monkeypatch.setitem(cli._STATE, "config", None)
+    with running_server(home) as (srv, url):
+        env = {"CODISTILL_DATA__SIZE": home.data.size,
+               "CODISTILL_TEACHER__MAX_SEQ_LENGTH": str(home.teacher.max_seq_length),
+               "CODISTILL_SERVING__ADMIN_API_KEY": KEY,
+               "CODISTILL_SERVING__PORT": str(free_port()),  # nothing listens there
+               "CODISTILL_WATCHER__SERVER_URL": url}
+        result = CliRunner().invoke(app, ["--once"], env=env)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["serving"] == srv.host.serving.version
