@@ -316,6 +316,12 @@ class ServingSettings(Section):
                              "every guard set")
     export: ExportConfig = ExportConfig()
 
+    @property
+    def local_url(self) -> str:
+        """Where a client on this machine reaches the server (a wildcard bind as loopback)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
 
 class WatcherSettings(Section):
     """``codistill serve-watch``: where the server is, how often to look, its metrics."""

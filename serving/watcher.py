@@ -206,7 +206,7 @@ class Watcher:
         from tasks.dataset import built_guards
 
         # every reason exported at 0 from the start: an increase() is 0, not absent
-        for reason in [VALID, *(f"guard:{g}" for g in built_guards(settings))]:
+        for reason in [*REASONS, *(f"guard:{g}" for g in built_guards(settings))]:
             self.metrics.rejections.labels(reason)
         folder = settings.home / "serving"
         self.state_path = folder / "watcher.json"
@@ -381,8 +381,7 @@ def watch_command(
         raise cli.fail(ValueError("the watcher promotes through /v1/admin: set "
                                   "serving.admin_api_key (CODISTILL_SERVING__ADMIN_API_KEY) "
                                   "to the server's key"))
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
-    url = server_url or w.server_url or f"http://{host}:{cfg.port}"
+    url = server_url or w.server_url or cfg.local_url
     interval = interval if interval is not None else w.interval_s
     metrics_port = w.metrics_port if metrics_port is None else metrics_port
     metrics_host = metrics_host or w.metrics_host

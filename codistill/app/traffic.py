@@ -45,9 +45,7 @@ def default_url(settings: Settings) -> str:
     """``traffic.server_url``, else the server's own address (a wildcard bind as loopback)."""
     if settings.traffic.server_url:
         return settings.traffic.server_url.rstrip("/")
-    host = settings.serving.host
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return f"http://{host}:{settings.serving.port}"
+    return settings.serving.local_url
 
 
 def load_sources(settings: Settings, names: Sequence[str] | None = None) -> list[Source]:
