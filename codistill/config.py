@@ -355,6 +355,39 @@ class TrafficSettings(Section):
     seed: int = 0
 
 
+class ExperimentSettings(Section):
+    """``codistill experiment online``: arms on one seeded user stream (the closed loop).
+
+    The user side (queries of the ``online`` split, true relevance with a preference the
+    teacher does not know, clicks) is ``streaming.simulator``'s; ``switch_after``
+    impressions in, the preference changes to ``switch_to``. Learning arms take one
+    online-learner step per ``batch_size`` impressions of their own, ``lr_distilled``
+    from the distilled student, ``lr_scratch`` from random weights.
+    """
+
+    seeds: int = Field(5, ge=1, description="seeded user streams (every arm sees each)")
+    impressions: int = Field(6000, ge=2, description="impressions per arm and seed")
+    switch_after: int = Field(3000, ge=1, description="impressions before the preference "
+                              "changes (the drift switch)")
+    click_model: str = Field("pbm", description="pbm, perfect, navigational, informational")
+    strength: float = Field(0.5, ge=0, le=0.5, description="P(a preferred negative is "
+                            "relevant); the issue fixes 0.5")
+    preference: str = Field("typed", description="the users' preference before the switch")
+    switch_to: str = Field("raises", description="the preference after the switch")
+    depth: int = Field(10, ge=1, description="results shown per impression")
+    propensity: Literal["model", "swap"] = Field("model", description="logged propensities: "
+                                                 "the click model's, or estimated by swaps")
+    batch_size: int = Field(16, ge=1, description="impressions per learning step")
+    alpha: float = Field(0.5, ge=0, le=1, description="KD weight of the kd+feedback arms")
+    temperature: float = Field(4.0, gt=0)
+    lr_distilled: float = Field(1e-3, gt=0, description="learning rate from the distilled start")
+    lr_scratch: float = Field(3e-3, gt=0, description="learning rate from random weights")
+    bin: int = Field(250, ge=1, description="impressions per point of the curves")
+    strengths: list[float] = Field([0.0, 0.25, 0.5], description="preference strengths of "
+                                   "the gain curve (kd+feedback vs the teacher); [] = none")
+    sweep_seeds: int = Field(3, ge=1, description="seeds per point of the gain curve")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CODISTILL_", env_nested_delimiter="__", extra="forbid"
@@ -371,6 +404,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     watcher: WatcherSettings = WatcherSettings()
     traffic: TrafficSettings = TrafficSettings()
+    experiment: ExperimentSettings = ExperimentSettings()
 
     @classmethod
     def settings_customise_sources(

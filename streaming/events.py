@@ -29,6 +29,9 @@ accepts 1 and 2, writers keep emitting 1 by default, and a producer switches to 
   "A"/"B" of team-draft interleaving) or None where no team contributed it.
 * feedback ``unknown_candidate`` - True when the impression declared the candidate
   unknown; the store check exempts it too (a click on a new candidate is real).
+* feedback ``propensity`` - the examination probability the click model (or a
+  propensity estimate) gave this position, in (0, 1]; an IPW learner divides by it
+  instead of assuming ``(1 / rank) ** eta``.
 
 Lists given per shown item have one entry per ``candidate_ids`` entry. A bad v2
 field is an :class:`InvalidEvent` with code ``schema`` and a reason naming the
@@ -60,7 +63,7 @@ from pydantic import (
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2})
 # Impression fields that exist from schema version 2 on (dropped from v1 messages).
 V2_IMPRESSION_FIELDS = ("unknown_candidate_ids", "propensities", "teams")
-V2_FEEDBACK_FIELDS = ("unknown_candidate",)
+V2_FEEDBACK_FIELDS = ("unknown_candidate", "propensity")
 MAX_TEAM_LENGTH = 32
 
 # Small, fixed set of rejection codes: used as a metrics label, so never free text.
@@ -211,7 +214,9 @@ class Feedback(_Event):
 
     Schema version 2 adds ``unknown_candidate``: the server echoes that its
     impression declared this candidate unknown (ranked by the fallback), so the
-    candidate-store check exempts it as it exempts the impression's declared ids.
+    candidate-store check exempts it as it exempts the impression's declared ids;
+    and ``propensity``: the examination probability of ``position`` that whoever
+    logged the click knew (a simulator's click model, a randomized-swap estimate).
     """
 
     type: Literal["feedback"] = "feedback"
@@ -220,11 +225,19 @@ class Feedback(_Event):
     position: int = Field(ge=1)
     dwell_ms: float | None = Field(None, ge=0, allow_inf_nan=False)
     unknown_candidate: bool = False
+    propensity: Propensity | None = None
 
     @field_validator("unknown_candidate")
     @classmethod
     def _declared(cls, value: bool, info: ValidationInfo) -> bool:
         if value:
+            _needs_v2(info)
+        return value
+
+    @field_validator("propensity")
+    @classmethod
+    def _logged(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None:
             _needs_v2(info)
         return value
 

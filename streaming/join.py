@@ -64,6 +64,12 @@ class JoinedImpression:
     def accepted(self) -> list[bool]:
         return self._flags({"accept"})
 
+    def logged_propensities(self) -> list[float | None]:
+        """Per shown candidate: the examination propensity its click logged (v2), else None."""
+        logged = {f.candidate_id: f.propensity for f in self.feedback
+                  if f.action in ("click", "accept") and f.propensity is not None}
+        return [logged.get(c) for c in self.impression.candidate_ids]
+
 
 class _Lane:
     """Join state of one partition: its own watermark, buffers and timers."""

@@ -246,8 +246,13 @@ class IPWClickLoss(nn.Module):
         clicks: Tensor,
         ranks: Tensor | None = None,
         mask: Tensor | None = None,
+        propensities: Tensor | None = None,
     ) -> Tensor:
-        """``ranks`` default to the column order (candidates listed as displayed)."""
+        """``ranks`` default to the column order (candidates listed as displayed).
+
+        ``propensities`` ``[B, K]``: examination probabilities logged with the clicks
+        (a click model's, an estimate's); where finite they replace ``(1 / rank)^eta``.
+        """
         mask = _full_mask(student_logits, mask)
         if ranks is None:
             ranks = torch.arange(1, student_logits.shape[-1] + 1, device=student_logits.device)
@@ -257,7 +262,12 @@ class IPWClickLoss(nn.Module):
         if not clicked.any():
             return _zero(student_logits)
         nll = -_masked_log_softmax(student_logits, mask)
-        per_query = (clicks * self.weights(ranks).to(nll.dtype) * nll).sum(dim=-1)
+        weights = self.weights(ranks)
+        if propensities is not None:
+            logged = torch.isfinite(propensities) & (propensities > 0)
+            given = propensities.to(torch.float32).clamp(min=1e-12).reciprocal()
+            weights = torch.where(logged, given.clamp(max=self.max_weight), weights)
+        per_query = (clicks * weights.to(nll.dtype) * nll).sum(dim=-1)
         return per_query.sum() / clicked.sum()
 
 
@@ -354,8 +364,10 @@ class OnlineLoss(nn.Module):
         has_teacher: Tensor | None = None,
         clicks: Tensor | None = None,
         ranks: Tensor | None = None,
+        propensities: Tensor | None = None,
     ) -> OnlineLossParts:
-        """``has_teacher`` ``[B]`` bool: rows whose ``teacher_logits`` are real (default: all)."""
+        """``has_teacher`` ``[B]`` bool: rows whose ``teacher_logits`` are real (default: all);
+        ``propensities``: logged examination probabilities for the feedback part (NaN: none)."""
         mask = _full_mask(student_logits, mask)
         kd, n_kd = _zero(student_logits), 0
         if teacher_logits is not None:
@@ -371,6 +383,7 @@ class OnlineLoss(nn.Module):
         if clicks is not None:
             n_fb = int(((clicks > 0) & mask).any(dim=-1).sum())
             if n_fb:
-                fb = self.feedback(student_logits, clicks, ranks, mask)
+                extra = {} if propensities is None else {"propensities": propensities}
+                fb = self.feedback(student_logits, clicks, ranks, mask, **extra)
         loss = self.alpha * kd + (1.0 - self.alpha) * fb
         return OnlineLossParts(loss, float(kd.detach()), float(fb.detach()), n_kd, n_fb)

@@ -7,6 +7,12 @@ to rebuild the same bytes (sizes, seed, interpreter, pinned wheel hashes), a
 ``data_hash`` over the three split files so downstream caches can key on the data,
 and under ``guards`` each guard file's sha256, counts and sources, with a
 separate ``guards_hash`` over them (so adding guards left ``data_hash`` as it was).
+
+``online.jsonl`` is the online split (:mod:`tasks.online`): lists for a user
+simulator and online learning, from packages no other file mines, sharing no
+group, code or query with the splits or guards. It is written after them and
+recorded under ``online`` (file, sha256, counts, sources, mining), outside
+``data_hash`` and ``guards_hash``: adding it changed no cache key.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from codistill.ranking import RankingExample, read_ranking_file, write_ranking_f
 from tasks.guards import build_guards, file_name, guards_hash
 from tasks.mine import mine
 from tasks.negatives import build_examples
+from tasks.online import ONLINE_FILE, build_online
 from tasks.packages import SMALL_STDLIB, pins_for
 from tasks.sources import (
     SourceInfo,
@@ -129,6 +136,23 @@ def build_dataset(
         }
     lap("guards")
 
+    others = [p for s in SPLITS for p in pools[s]] + [
+        p for guard in guards for pool in guard.pools for p in pool]
+    guard_examples = [ex for guard in guards for ex in guard.examples]
+    online = build_online(
+        data, cache_dir / "wheels",
+        {p.group for p in others} | {ex.meta["group"] for ex in guard_examples}, progress,
+        seen_ids=[p.cid for p in others] + [c for ex in guard_examples for c in ex.candidate_ids],
+        seen_queries=[p.summary for p in others] + [ex.query for ex in guard_examples],
+    )
+    online_path = out_dir / ONLINE_FILE
+    write_ranking_file(online_path, online.examples)
+    online_entry = {
+        "file": online_path.name, "sha256": sha256_file(online_path), "counts": online.counts(),
+        "sources": online.sources, "mining": dict(sorted(online.stats.items())),
+    }
+    lap("online")
+
     source_pairs = Counter(p.source for p in mined.pairs)
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
@@ -149,6 +173,7 @@ def build_dataset(
         "data_hash": digest,
         "guards": guard_entries,
         "guards_hash": guards_hash(guard_entries),
+        "online": online_entry,
         "build_seconds": round(time.perf_counter() - started, 2),
         "stage_seconds": stages,
     }

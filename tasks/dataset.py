@@ -3,7 +3,9 @@
 One place decides where a split lives (``HOME/data/SIZE/SPLIT.jsonl``), what a
 missing build tells the user, and the label under which metrics on a split are
 remembered (size, split and the first 12 hex digits of the data hash: a result
-is reused only for exactly the same data).
+is reused only for exactly the same data). The online split (``online.jsonl``,
+:func:`read_online`) is read here too, but has no metric label: it is for
+online learning, never reported like valid or test.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from codistill.config import Settings
 from codistill.ranking import RankingExample, read_ranking_file
 from tasks.build import MANIFEST, load_manifest, load_split
 from tasks.guards import file_name, guards_for
+from tasks.online import ONLINE_FILE
 from tasks.split import SPLITS, Split
 
 __all__ = ["SPLITS", "built_guards", "guard_label", "manifest_data_hash", "metric_label",
-           "read_guard", "read_split", "split_path"]
+           "read_guard", "read_online", "read_split", "split_path"]
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +87,18 @@ def guard_label(settings: Settings, name: str) -> str:
     """Card key of metrics on a guard set: size, guard name and the guard file's hash."""
     entry = load_manifest(settings.data_dir).get("guards", {}).get(name, {})
     return f"{settings.data.size}/guard_{name}@{entry.get('sha256', 'nodata')[:12]}"
+
+
+def read_online(settings: Settings) -> list[RankingExample]:
+    """The validated lists of the online split (``HOME/data/SIZE/online.jsonl``).
+
+    For the user simulator and online learning only: no other split or guard set
+    shares its code or queries, and ``teacher precompute`` does not label it.
+    """
+    path = settings.data_dir / ONLINE_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: build the data (again, if it predates the online split) with "
+            f"`codistill data build --size {settings.data.size}`"
+        )
+    return read_ranking_file(path)

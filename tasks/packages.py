@@ -7,6 +7,11 @@ the data. All pins are pure-Python (``*-none-any``) wheels that install on
 Python 3.11. Packages that vendor or back-port other mined code (pip,
 setuptools, mock, tomli, typing-extensions, ...) are left out on purpose: their
 near-copies would leak functions across the group split.
+
+The online split (:mod:`tasks.online`) has pins of its own, in no other table:
+a learner is trained online on its lists, so their code and queries must be
+new to the splits and guard sets, or what it learns there would show up again,
+flattered, on test.
 """
 
 from __future__ import annotations
@@ -285,6 +290,27 @@ GUARD_VERSION_PACKAGES: tuple[tuple[str, str, str], ...] = (
 SMALL_GUARD_STDLIB: tuple[str, ...] = (
     "aifc", "asyncio", "codecs", "fileinput", "mimetypes", "multiprocessing", "plistlib",
     "pstats", "socket", "sunau", "telnetlib", "textwrap", "turtle", "wave", "_pydecimal",
+)
+
+# The online split (tasks.online) at demo/full is mined from these wheels only. None is a
+# training or guard pin at any size (so no other set mines them), and none vendors a
+# training package; ~2,000 pairs between them, far above the 400 queries demo keeps.
+# sha256 checked with `pip download --no-deps --only-binary=:all: NAME==VERSION` and
+# `sha256sum`.
+_ONLINE_PIN_TABLE = """
+redis 8.1.0 a4fe1aac3d3b3cc791d4b3d5931c5a956045dc951ee74d1c913ee3ac4d2ee9fb
+python-docx 1.2.0 3fd478f3250fbbbfd3b94fe1e985955737c145627498896a8a6bf81f4baf66c7
+icalendar 7.3.2 f95ce4ff8f41d8ad9ca253a676ef40c672abd3774458d197c215055a0d805cc4
+petl 1.7.30 99b7e9a66b68908146f0f590a4bb61a270572bbe33f33dbf5036a234e4fee2de
+"""
+ONLINE_PINS: tuple[Pin, ...] = tuple(
+    Pin(*line.split()) for line in _ONLINE_PIN_TABLE.strip().splitlines()
+)
+# The online split at `small` (no downloads): stdlib modules that neither the small splits
+# (SMALL_STDLIB) nor the small prose guard (SMALL_GUARD_STDLIB) mine; ~580 pairs.
+SMALL_ONLINE_STDLIB: tuple[str, ...] = (
+    "cmd", "collections", "contextlib", "dataclasses", "email", "gzip", "locale", "logging",
+    "operator", "pydoc", "sched", "shlex", "subprocess", "tempfile", "xml",
 )
 
 

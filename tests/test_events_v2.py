@@ -421,3 +421,37 @@ def test_feedback_unknown_candidate_is_a_v2_field() -> None:
     assert "unknown_candidate" not in v1  # v1 bytes unchanged
     v1["unknown_candidate"] = True  # a v1 message keeps its v1 meaning
     assert parse_event(json.dumps(v1).encode()).unknown_candidate is False
+
+
+# ------------------------------------------------------------------- feedback propensity
+def test_v2_feedback_carries_a_logged_propensity_and_v1_drops_it() -> None:
+    v2 = Feedback(schema_version=2, request_id="r1", candidate_id="b", action="click",
+                  position=2, propensity=0.5, event_time=T0)
+    assert parse_event(v2.to_bytes()) == v2 and parse_event(v2.to_bytes()).propensity == 0.5
+    d = json.loads(v2.to_bytes())
+    d["schema_version"] = 1  # a v1 reader ignored the field: it means nothing in v1
+    assert parse_event(json.dumps(d).encode()).propensity is None
+    assert "propensity" not in json.loads(fb("r1", 0.0).to_bytes())  # v1 bytes unchanged
+    for bad in (0.0, 1.5, float("nan")):
+        d = json.loads(v2.to_bytes())
+        d["propensity"] = bad
+        with pytest.raises(InvalidEvent, match="propensity"):
+            parse_event(json.dumps(d).encode())
+    with pytest.raises(ValidationError, match="schema version 2 field"):
+        Feedback(request_id="r1", candidate_id="b", action="click", position=2,
+                 propensity=0.5, event_time=T0)
+
+
+def test_the_batch_carries_the_propensity_a_click_logged_nan_elsewhere() -> None:
+    from streaming.join import JoinedImpression
+    from student.online.batching import build_batch
+
+    shown = imp("r1", 0, version=2)
+    clicks = [Feedback(schema_version=2, request_id="r1", candidate_id="b", action="click",
+                       position=2, propensity=0.4, event_time=T0),
+              fb("r1", 1, "c", version=2)]  # no propensity logged: the loss uses the rank
+    batch = build_batch([JoinedImpression(shown, clicks)], {},
+                        {c: f"def {c}(): pass" for c in "abc"})
+    props = batch.propensities.tolist()[0]
+    assert math.isnan(props[0]) and props[1] == pytest.approx(0.4) and math.isnan(props[2])
+    assert batch.clicks.tolist() == [[0.0, 1.0, 1.0]]

@@ -19,6 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import typer  # noqa: E402
 
 from codistill import console as cli  # noqa: E402
+from codistill.app.experiment.commands import experiment_app  # noqa: E402
 from codistill.app.monitor import monitor_app  # noqa: E402
 from codistill.app.online import student_online  # noqa: E402
 from codistill.app.stack import stack_app  # noqa: E402
@@ -45,6 +46,7 @@ app.add_typer(bundle_app, name="bundle")
 app.command("serve-watch")(watch_command)
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(stack_app, name="stack")
+app.add_typer(experiment_app, name="experiment")
 app.command("traffic")(traffic_command)
 
 student_app.command("online")(student_online)  # it publishes bundles: an app command

@@ -23,19 +23,19 @@ stack_app = typer.Typer(help="The local stack (scripts/stack.sh, docker-compose.
                         no_args_is_help=True)
 
 
-def prepare(settings: Settings, progress: bool = False, log: Any = print) -> dict[str, Any]:
-    """Make sure data, teacher vectors, a student, a bundle and the topics exist."""
-    from codistill.app.export import export_bundle
-    from serving.bundle import BundleRegistry
-    from stores import open_configured_store
-    from streaming import open_stream
+def prepare_offline(settings: Settings, progress: bool = False, log: Any = print,
+                    out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Data, the current teacher's vectors and labels, and a student distilled from it.
+
+    Each step is skipped when its result is there (the online experiment starts here too).
+    """
     from student.distill import distill
     from student.registry import student_registry
     from tasks.build import build_dataset
     from teacher import workflow as wf
 
-    t0 = time.monotonic()
-    out: dict[str, Any] = {"home": str(settings.home), "size": settings.data.size}
+    out = {} if out is None else out
+    out.update(home=str(settings.home), size=settings.data.size)
     manifest = build_dataset(settings.data, settings.data_dir, settings.download_dir,
                              progress=progress)
     out["data_hash"] = manifest["data_hash"]
@@ -50,7 +50,19 @@ def prepare(settings: Settings, progress: bool = False, log: Any = print) -> dic
         log("distilling a student from the current teacher")
         current = distill(settings, settings.distill, progress)["student_version"]
     out["student_version"] = current
+    return out
 
+
+def prepare(settings: Settings, progress: bool = False, log: Any = print) -> dict[str, Any]:
+    """Make sure data, teacher vectors, a student, a bundle and the topics exist."""
+    from codistill.app.export import export_bundle
+    from serving.bundle import BundleRegistry
+    from stores import open_configured_store
+    from streaming import open_stream
+
+    t0 = time.monotonic()
+    out = prepare_offline(settings, progress, log)
+    current = out["student_version"]
     bundles = BundleRegistry(settings.bundles_dir)
     serving = bundles.pointer().serving
     if serving is None or bundles.load_card(serving).student_version != current:

@@ -6,7 +6,9 @@ so the column index + 1 is the display rank the position-based click model needs
 * ``teacher_logits = record.logit_scale * record.scores`` re-indexed by candidate id
   to the shown order (the teacher scored the query's whole candidate list, the user
   saw a possibly reordered, possibly truncated part of it);
-* ``clicks`` = clicked or accepted, ``ranks`` = 1-based shown positions.
+* ``clicks`` = clicked or accepted, ``ranks`` = 1-based shown positions,
+  ``propensities`` = the examination propensity a v2 click logged (NaN where none:
+  the loss falls back to ``(1 / rank) ** eta``).
 
 Rows are kept when they can teach something (a usable teacher record or a click).
 A query without a record, or whose record does not cover every shown candidate, is
@@ -17,6 +19,7 @@ texts with one batched call each and retry those calls without side effects.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +69,7 @@ class TrainingBatch:
     ranks: Tensor  # float32 [B, K], 1-based shown positions (1 in padding)
     mask: Tensor  # bool [B, K]
     stats: BatchStats = field(default_factory=BatchStats)
+    propensities: Tensor | None = None  # float32 [B, K], logged propensity; NaN where none
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -112,10 +116,10 @@ def build_batch(
     """
     stats = BatchStats(impressions=len(joined))
     rows: list[tuple[JoinedImpression, list[str], list[str], list[float] | None, list[float],
-                     list[float]]] = []
+                     list[float], list[float]]] = []
     for j in joined:
         imp = j.impression
-        clicked = j.clicked()
+        clicked, logged = j.clicked(), j.logged_propensities()
         keep = [(pos, cid) for pos, cid in enumerate(imp.candidate_ids, start=1)
                 if texts.get(cid) is not None]
         stats.text_misses += len(imp.candidate_ids) - len(keep)
@@ -137,7 +141,9 @@ def build_batch(
             continue
         stats.clicks += int(sum(row_clicks))
         ranks = [float(pos) for pos, _ in keep]
-        rows.append((j, ids, [texts[c] or "" for c in ids], teacher, row_clicks, ranks))
+        props = [math.nan if logged[pos - 1] is None else float(logged[pos - 1])  # type: ignore[arg-type]
+                 for pos, _ in keep]
+        rows.append((j, ids, [texts[c] or "" for c in ids], teacher, row_clicks, ranks, props))
 
     width = max([len(r[1]) for r in rows] + [1])
     n = len(rows)
@@ -145,12 +151,14 @@ def build_batch(
     has_teacher = torch.zeros(n, dtype=torch.bool)
     clicks = torch.zeros(n, width)
     ranks = torch.ones(n, width)
+    propensities = torch.full((n, width), math.nan)
     mask = torch.zeros(n, width, dtype=torch.bool)
-    for b, (_, ids, _, teacher, row_clicks, row_ranks) in enumerate(rows):
+    for b, (_, ids, _, teacher, row_clicks, row_ranks, row_props) in enumerate(rows):
         k = len(ids)
         mask[b, :k] = True
         clicks[b, :k] = torch.tensor(row_clicks)
         ranks[b, :k] = torch.tensor(row_ranks)
+        propensities[b, :k] = torch.tensor(row_props)
         if teacher is not None:
             has_teacher[b] = True
             teacher_logits[b, :k] = torch.tensor(teacher)
@@ -167,6 +175,7 @@ def build_batch(
         ranks=ranks,
         mask=mask,
         stats=stats,
+        propensities=propensities,
     )
 
 

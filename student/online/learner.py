@@ -256,7 +256,8 @@ class OnlineLearner:
         scores = self.student.forward_scores(tb.queries, tb.candidates,
                                              candidate_ids=tb.candidate_ids).scores
         parts = self.loss(scores, tb.mask, teacher_logits=tb.teacher_logits,
-                          has_teacher=tb.has_teacher, clicks=tb.clicks, ranks=tb.ranks)
+                          has_teacher=tb.has_teacher, clicks=tb.clicks, ranks=tb.ranks,
+                          propensities=tb.propensities)
         alpha = self.alpha
         if not ((alpha > 0 and parts.n_kd) or (alpha < 1 and parts.n_feedback)):
             return stats  # zero gradient: an AdamW step would still move the weights
