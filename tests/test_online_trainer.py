@@ -574,3 +574,22 @@ def test_query_only_student_learns_online_against_the_stored_candidate_vectors(
     refused = run.model_copy(update={"name": "asym-foreign", "init_student": tmp_path / "foreign"})
     with OnlineTrainer(s, refused) as trainer, pytest.raises(TrainerError, match="another space"):
         trainer.run()
+
+
+def test_one_label_per_query_serves_every_list_through_the_stored_vectors() -> None:
+    """The nearline labeller writes one record per query (the first list it was shown
+    with) plus the query's embedding; another list of that query gets its KD target
+    ``scale * cos(query, candidate)`` from the stored candidate vectors."""
+    texts = {c: f"def {c}(): pass" for c in "abcd"}
+    q = np.array([0.6, 0.8, 0.0, 0.0], np.float32)
+    rec = _record("q4", ["a", "b"], [0.5, 0.1]).model_copy(update={"query_embedding": q})
+    vectors = {"d": np.array([0.0, 1.0, 0.0, 0.0], np.float32)}
+    batch = build_batch([_joined("q4", ["a", "d"], [0])], {"q4": rec}, texts, vectors)
+    s = batch.stats
+    assert (s.label_hits, s.label_extended, s.label_misaligned) == (1, 1, 0)
+    torch.testing.assert_close(batch.teacher_logits[0], torch.tensor([10.0, 16.0]))  # 20*0.5, 20*0.8
+    # no vector for the missing candidate, or no query embedding: feedback only, as before
+    for labels, vecs in (({"q4": rec}, {}), ({"q4": _record("q4", ["a", "b"], [0.5, 0.1])},
+                                             vectors)):
+        batch = build_batch([_joined("q4", ["a", "d"], [0])], labels, texts, vecs)
+        assert batch.stats.label_misaligned == 1 and not batch.has_teacher.any()

@@ -11,7 +11,10 @@ so the column index + 1 is the display rank the position-based click model needs
   the loss falls back to ``(1 / rank) ** eta``).
 
 Rows are kept when they can teach something (a usable teacher record or a click).
-A query without a record, or whose record does not cover every shown candidate, is
+A record covers the list its query was labelled with; a shown candidate outside it
+is scored from the record's query embedding and the candidate's stored teacher vector
+(``scale * cos``), so one label per query serves every list it is shown with. A query
+without a record, or whose record misses a shown candidate with no stored vector, is
 *feedback only* for that row (``has_teacher`` False) and is counted, never dropped
 silently. Everything here is pure (no I/O), so the trainer can fetch labels and
 texts with one batched call each and retry those calls without side effects.
@@ -41,7 +44,8 @@ class BatchStats:
     rows: int = 0
     label_hits: int = 0
     label_misses: int = 0  # no record for the query in the pinned version
-    label_misaligned: int = 0  # a record exists but lacks a shown candidate
+    label_misaligned: int = 0  # a record exists but lacks a shown candidate (and its vector)
+    label_extended: int = 0  # hits whose missing candidates were scored from stored vectors
     text_misses: int = 0  # shown candidates whose text the store does not have
     skipped: int = 0  # impressions with nothing to learn from (no label, no click)
     clicks: int = 0
@@ -82,21 +86,39 @@ def needed_ids(joined: Sequence[JoinedImpression]) -> tuple[list[str], list[str]
     return qids, cids
 
 
-def _teacher_row(record: SoftLabelRecord | None, shown: Sequence[str]) -> list[float] | None:
-    """Teacher logits in shown order, or None if the record does not cover every shown id."""
+def _teacher_row(record: SoftLabelRecord | None, shown: Sequence[str],
+                 vectors: Mapping[str, np.ndarray] | None = None
+                 ) -> tuple[list[float] | None, bool]:
+    """Teacher logits in shown order (or None) and whether stored vectors filled gaps.
+
+    A record holds the cosines of the list its query was first labelled with; a shown
+    candidate outside it is scored ``cos(record.query_embedding, vector)`` when its
+    stored teacher vector is in ``vectors`` (one label per query serves every list).
+    """
     if record is None:
-        return None
+        return None, False
     index = {cid: i for i, cid in enumerate(record.candidate_ids)}
-    if any(cid not in index for cid in shown):
-        return None
     scale = float(record.logit_scale)
-    return [scale * float(record.scores[index[cid]]) for cid in shown]
+    gaps = [cid for cid in shown if cid not in index]
+    extra: dict[str, float] = {}
+    if gaps:
+        q = np.asarray(record.query_embedding, dtype=np.float32)
+        norm = float(np.linalg.norm(q)) if q.size else 0.0
+        if not vectors or norm == 0.0 or any(cid not in vectors for cid in gaps):
+            return None, False
+        for cid in gaps:
+            v = np.asarray(vectors[cid], dtype=np.float32)
+            extra[cid] = float(v @ q) / (norm * (float(np.linalg.norm(v)) or 1.0))
+    row = [scale * (extra[cid] if cid in extra else float(record.scores[index[cid]]))
+           for cid in shown]
+    return row, bool(gaps)
 
 
 def build_batch(
     joined: Sequence[JoinedImpression],
     labels: Mapping[str, SoftLabelRecord | None],
     texts: Mapping[str, str | None],
+    vectors: Mapping[str, np.ndarray] | None = None,
 ) -> TrainingBatch:
     """Build the training batch of ``joined`` (see the module docstring for the rules).
 
@@ -108,6 +130,9 @@ def build_batch(
         Soft-label record per query id (None or missing: no teacher for it).
     texts
         Candidate text per candidate id (None or missing: the candidate is dropped).
+    vectors
+        Stored teacher vectors of shown candidates a query's record lacks (see
+        :func:`_teacher_row`); None: such rows are feedback only.
 
     Returns
     -------
@@ -128,13 +153,14 @@ def build_batch(
             continue
         ids = [cid for _, cid in keep]
         record = labels.get(imp.query_id)
-        teacher = _teacher_row(record, ids)
+        teacher, extended = _teacher_row(record, ids, vectors)
         if record is None:
             stats.label_misses += 1
         elif teacher is None:
             stats.label_misaligned += 1
         else:
             stats.label_hits += 1
+            stats.label_extended += extended
         row_clicks = [1.0 if clicked[pos - 1] else 0.0 for pos, _ in keep]
         if teacher is None and not any(row_clicks):
             stats.skipped += 1

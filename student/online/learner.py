@@ -59,12 +59,16 @@ class JoinedBatch:
         For a student without a candidate tower: whether its candidate source holds
         each candidate's vector (False: dropped from its rows like a text miss, and
         counted as ``embedding_misses``). None: not checked (a tower needs no vector).
+    vectors
+        The teacher's stored vectors of shown candidates a query's record does not list
+        (their KD target is ``scale * cos(record.query_embedding, vector)``).
     """
 
     ready: list[JoinedImpression]
     labels: Mapping[str, SoftLabelRecord | None] = field(default_factory=dict)
     texts: Mapping[str, str | None] = field(default_factory=dict)
     embedded: Mapping[str, bool] | None = None
+    vectors: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def fetch(
@@ -73,6 +77,7 @@ class JoinedBatch:
         get_labels: Callable[[list[str]], Sequence[SoftLabelRecord | None]],
         get_texts: Callable[[list[str]], Sequence[str | None]],
         has_embeddings: Callable[[list[str]], Sequence[bool]] | None = None,
+        get_vectors: Callable[[list[str]], tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> JoinedBatch:
         """Join ``ready`` with one batched label fetch and one batched text fetch.
 
@@ -87,6 +92,10 @@ class JoinedBatch:
         has_embeddings
             Candidate ids -> whether the student's candidate source has their vectors
             (a student without a candidate tower); None: not checked.
+        get_vectors
+            Candidate ids -> ``(vectors [n, d], found [n])`` of the teacher's store; asked
+            only for shown candidates a fetched record does not list. None: not asked
+            (such rows are feedback only).
 
         Returns
         -------
@@ -99,8 +108,18 @@ class JoinedBatch:
         if has_embeddings is not None:
             found = [bool(ok) for ok in has_embeddings(cids)]
             embedded = dict(zip(cids, found, strict=True))
-        return cls(list(ready), dict(zip(qids, labels, strict=True)),
-                   dict(zip(cids, texts, strict=True)), embedded)
+        records = dict(zip(qids, labels, strict=True))
+        vectors: dict[str, np.ndarray] = {}
+        if get_vectors is not None:
+            listed = {q: set(r.candidate_ids) for q, r in records.items() if r is not None}
+            gaps = list(dict.fromkeys(
+                c for j in ready if j.impression.query_id in listed
+                for c in j.impression.candidate_ids if c not in listed[j.impression.query_id]))
+            if gaps:
+                emb, found = get_vectors(gaps)
+                vectors = {c: np.asarray(v) for c, v, ok in zip(gaps, emb, found, strict=True)
+                           if ok}
+        return cls(list(ready), records, dict(zip(cids, texts, strict=True)), embedded, vectors)
 
     def missing_vectors(self) -> list[str]:
         """Candidates with a text but no vector (:attr:`embedded` False), first-seen order."""
@@ -245,7 +264,7 @@ class OnlineLearner:
         texts, missing = batch.texts, set(batch.missing_vectors())
         if missing:  # dropped from their rows exactly like a candidate without a text
             texts = {c: None if c in missing else t for c, t in texts.items()}
-        tb = build_batch(batch.ready, batch.labels, texts)
+        tb = build_batch(batch.ready, batch.labels, texts, batch.vectors)
         misses = sum(c in missing for j in batch.ready for c in j.impression.candidate_ids)
         tb.stats.text_misses -= misses
         stats = LearnStats(tb.stats, embedding_misses=misses)

@@ -334,6 +334,9 @@ class OnlineTrainer:
                 None if self.student.has_candidate_tower else  # scored by stored vectors
                 lambda cids: self._retry("store", "has_embeddings",
                                          lambda: self.store.has_embeddings(
+                                             self.version, cids, max_seq=seq)),
+                lambda cids: self._retry("store", "get_embeddings",  # one label per query
+                                         lambda: self.store.get_embeddings(
                                              self.version, cids, max_seq=seq)))
         if missing := batch.missing_vectors():  # validated when read, gone since
             log.warning("batch %d: %d candidates have no vector for teacher %s in %s "
@@ -351,7 +354,8 @@ class OnlineTrainer:
     def _record(self, stats: LearnStats) -> None:
         """Counters, metrics and drift detectors of one ``learn_many``."""
         s = stats.batch
-        for name in ("label_hits", "label_misses", "label_misaligned", "text_misses", "clicks"):
+        for name in ("label_hits", "label_misses", "label_misaligned", "label_extended",
+                     "text_misses", "clicks"):
             self._count(name, getattr(s, name))
         self._count("skipped_impressions", s.skipped)
         self._count("embedding_misses", stats.embedding_misses)
