@@ -207,6 +207,12 @@ class OnlineTrainerConfig(Section):
                                      "trainer's checkpoints-plan folder, or a .jsonl file) and "
                                      "stop: a fresh trainer replays that run exactly")
     poll_interval_s: float = Field(0.2, gt=0)
+    labeller: bool = Field(False, description="a nearline labeller (codistill teacher label "
+                           "--follow) fills the store: a shown candidate with a stored text "
+                           "but no teacher vector yet is pending (trained around, recorded "
+                           "in the plan), not a dead letter")
+    label_wait_s: float = Field(2.0, ge=0, description="with labeller: how long planning a "
+                                "batch waits for its pending candidates' vectors")
     metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port; 0 = off")
     metrics_host: str = Field("127.0.0.1", description="address /metrics binds (0.0.0.0 "
                               "in a container, so Prometheus can scrape it)")
@@ -244,6 +250,29 @@ class OnlineTrainerConfig(Section):
         "time waiting at barriers than computing")
     deterministic: bool = True
     backoff: BackoffConfig = BackoffConfig()
+
+
+class LabellerSettings(Section):
+    """The nearline teacher labeller (``codistill teacher label``; section ``labeller``).
+
+    It reads the events topic as consumer group ``group``, ``batch_size`` records a
+    step, and appends the soft labels and candidate embeddings the pinned teacher
+    version lacks (insert-if-absent, so a replay after a crash writes nothing twice).
+    A candidate whose text is not in the store yet is looked up again on the next
+    ``max_text_retries`` batches before its queries are labelled without it.
+    """
+
+    group: str = Field("codistill-labeller", min_length=1, description="consumer group")
+    batch_size: int = Field(256, ge=1, description="records polled per step")
+    encode_batch: int = Field(128, ge=1, description="texts per teacher.encode call")
+    max_text_retries: int = Field(5, ge=0, description="later batches on which a candidate "
+                                  "without a stored text is looked up again")
+    lease_ttl_s: float = Field(120.0, gt=0, description="lease on the teacher version, renewed "
+                               "every third of it; a killed labeller's lease runs out after this")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics "
+                                     "port; None or 0 = off")
+    metrics_host: str = Field("127.0.0.1", description="address /metrics binds (0.0.0.0 in a "
+                              "container, so Prometheus can scrape it)")
 
 
 class ExportConfig(Section):
@@ -401,6 +430,7 @@ class Settings(BaseSettings):
     stream: StreamSettings = StreamSettings()
     distill: DistillConfig = DistillConfig()
     online: OnlineTrainerConfig = OnlineTrainerConfig()
+    labeller: LabellerSettings = LabellerSettings()
     serving: ServingSettings = ServingSettings()
     watcher: WatcherSettings = WatcherSettings()
     traffic: TrafficSettings = TrafficSettings()

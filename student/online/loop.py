@@ -23,6 +23,7 @@ import time
 from collections import deque
 from typing import Any
 
+from streaming.events import Impression, InvalidEvent, parse_event
 from student.online.bootstrap import TrainerError
 from student.online.plan import PlanEntry, PlanLog, decide, idle_advances, watermarks_us
 from student.online.schedule import Batch, Wait, next_batch
@@ -105,8 +106,55 @@ class Planner:
             advance = idle_advances(watermarks_us(tr.joiner, tr.partitions), idle)
         every = cfg.checkpoint_every
         when = f"before batch {n}, so before checkpoint {-(-n // every) * every}"
+        if not (cfg.labeller and not step.is_flush):
+            return PlanEntry(n, step.partition, step.start, step.end, kind, step.turn,
+                             step.next_turn, tr.keeper.sequence(when), advance)
+        seq, pending = self.wait_for_labels(step, when)
         return PlanEntry(n, step.partition, step.start, step.end, kind, step.turn,
-                         step.next_turn, tr.keeper.sequence(when), advance)
+                         step.next_turn, seq, advance, pending)
+
+    def wait_for_labels(self, step: Batch, when: str) -> tuple[int, list[str]]:
+        """The store sequence of ``step`` and its pending candidates, after a bounded wait.
+
+        Candidates its events name with a stored text but no vector are the labeller's
+        backlog: wait up to ``label_wait_s`` for their vectors, then take the sequence;
+        those still missing under it are pending (recorded in the plan, so a replay
+        decides the same). A candidate without a text stays unknown: no labeller can
+        embed it, so the validator dead-letters its event as before.
+        """
+        tr, cfg = self.tr, self.tr.cfg
+        ids = candidate_ids(tr._read(step.partition, step.start, step.end))
+        deadline = time.monotonic() + cfg.label_wait_s
+        while True:
+            seq = tr.keeper.sequence(when)
+            missing = _missing(tr, ids, seq)
+            if missing:
+                texts = tr._retry("store", "get_texts", lambda m=missing: tr.store.get_texts(m))
+                missing = [c for c, t in zip(missing, texts, strict=True) if t is not None]
+            if not missing or time.monotonic() >= deadline:
+                return seq, missing
+            time.sleep(cfg.poll_interval_s)
+
+
+def candidate_ids(records: list[Any]) -> list[str]:
+    """Unique candidate ids the valid events of ``records`` name (first-seen order)."""
+    ids: dict[str, None] = {}
+    for rec in records:
+        try:
+            event = parse_event(rec.value)
+        except InvalidEvent:
+            continue
+        names = event.candidate_ids if isinstance(event, Impression) else [event.candidate_id]
+        ids.update(dict.fromkeys(names))
+    return list(ids)
+
+
+def _missing(tr: OnlineTrainer, ids: list[str], seq: int) -> list[str]:
+    if not ids:
+        return []
+    mask = tr._retry("store", "has_embeddings",
+                     lambda: tr.store.has_embeddings(tr.version, ids, max_seq=seq))
+    return [c for c, ok in zip(ids, mask, strict=True) if not ok]
 
 
 def run_loop(tr: OnlineTrainer) -> None:

@@ -69,6 +69,10 @@ class PlanEntry:
     advance
         Idle partitions whose join watermark is raised (to microseconds since the
         epoch) before the unit's ready impressions are taken.
+    pending
+        Candidates the unit's events name that had a stored text but no teacher vector
+        under ``store_seq`` when it was planned (a nearline labeller is behind): they
+        are trained around, not dead-lettered, and a replay decides the same.
     """
 
     batch: int
@@ -80,6 +84,7 @@ class PlanEntry:
     next_turn: int
     store_seq: int | None = None
     advance: dict[int, int] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -14,7 +14,7 @@ before its first dead letter is sent: a retried batch never dead-letters twice.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -94,6 +94,7 @@ def validate_records(
     retry: Retry,
     count: Callable[..., Any],
     max_seq: int | None = None,
+    pending: Collection[str] = (),
 ) -> list[tuple[Record, Event]]:
     """The valid events of ``records``; the rest are dead-lettered, after all store reads.
 
@@ -114,6 +115,9 @@ def validate_records(
     max_seq
         The batch's store sequence (its plan entry's): a candidate appended to the
         version after it is unknown to this batch, however late the batch runs.
+    pending
+        Candidates the plan entry recorded as waiting for the labeller: not a reason to
+        dead-letter (the batch trains around them).
 
     Returns
     -------
@@ -125,11 +129,11 @@ def validate_records(
         c for _, ev in parsed if not isinstance(ev, Rejection)
         for c in (ev.candidate_ids if isinstance(ev, Impression) else [ev.candidate_id])
     ))
-    known: set[str] = set()
+    known: set[str] = set(pending)
     if ids:
         mask = retry("store", "has_embeddings",
                      lambda: store.has_embeddings(version, ids, max_seq=max_seq))
-        known = {c for c, ok in zip(ids, np.asarray(mask, dtype=bool), strict=True) if ok}
+        known |= {c for c, ok in zip(ids, np.asarray(mask, dtype=bool), strict=True) if ok}
 
     def known_candidates(cids: list[str]) -> list[bool]:
         return [c in known for c in cids]
