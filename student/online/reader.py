@@ -111,7 +111,8 @@ def validate_records(
     retry
         The trainer's retry function, for the store call.
     count
-        ``count(name, n=1)``: the trainer's counters (``dlq``, ``valid_events``).
+        ``count(name, n=1)``: the trainer's counters (``dlq``, ``valid_events``,
+        ``pending_candidates``).
     max_seq
         The batch's store sequence (its plan entry's): a candidate appended to the
         version after it is unknown to this batch, however late the batch runs.
@@ -130,6 +131,8 @@ def validate_records(
         for c in (ev.candidate_ids if isinstance(ev, Impression) else [ev.candidate_id])
     ))
     known: set[str] = set(pending)
+    if pending:
+        count("pending_candidates", len(pending))
     if ids:
         mask = retry("store", "has_embeddings",
                      lambda: store.has_embeddings(version, ids, max_seq=max_seq))

@@ -290,7 +290,6 @@ class OnlineTrainer:
                 valid = validate_records(records, self.store, self.version, self.dlq,
                                          self._retry, self._count, max_seq=seq,
                                          pending=entry.pending)
-                self._count("pending_candidates", len(entry.pending))
             with self._timed("join"):
                 for rec, event in valid:
                     self.joiner.add(event, rec.partition)
