@@ -253,14 +253,10 @@ class OnlineTrainerConfig(Section):
 
 
 class LabellerSettings(Section):
-    """The nearline teacher labeller (``codistill teacher label``; section ``labeller``).
-
-    It reads the events topic as consumer group ``group``, ``batch_size`` records a
-    step, and appends the soft labels and candidate embeddings the pinned teacher
-    version lacks (insert-if-absent, so a replay after a crash writes nothing twice).
-    A candidate whose text is not in the store yet is looked up again on the next
-    ``max_text_retries`` batches before its queries are labelled without it.
-    """
+    """The nearline labeller (``codistill teacher label``): reads the events topic as
+    ``group``, appends the labels and embeddings the version lacks (insert-if-absent: a
+    replay writes nothing twice); a candidate without a stored text is looked up again on
+    ``max_text_retries`` later batches, then left out of its queries' records."""
 
     group: str = Field("codistill-labeller", min_length=1, description="consumer group")
     batch_size: int = Field(256, ge=1, description="records polled per step")
@@ -269,10 +265,8 @@ class LabellerSettings(Section):
                                   "without a stored text is looked up again")
     lease_ttl_s: float = Field(120.0, gt=0, description="lease on the teacher version, renewed "
                                "every third of it; a killed labeller's lease runs out after this")
-    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics "
-                                     "port; None or 0 = off")
-    metrics_host: str = Field("127.0.0.1", description="address /metrics binds (0.0.0.0 in a "
-                              "container, so Prometheus can scrape it)")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="/metrics; None = off")
+    metrics_host: str = Field("127.0.0.1", description="/metrics binds (0.0.0.0 in a container)")
 
 
 class ExportConfig(Section):

@@ -1,4 +1,4 @@
-"""``codistill teacher ...``: pretrained teachers; evaluate, fine-tune, precompute."""
+"""``codistill teacher ...``: pretrained teachers; evaluate, fine-tune, precompute, label."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from rich.table import Table
 
 from codistill import console as cli
 
-teacher_app = typer.Typer(help="Pretrained teachers: evaluate, fine-tune, promote, precompute.",
+teacher_app = typer.Typer(help="Pretrained teachers: evaluate, fine-tune, promote, precompute, "
+                          "label.",
                           no_args_is_help=True)
 
 REJECTED = 1  # `teacher promote`: the gate kept the current teacher (not a user error: 2)
@@ -169,6 +170,38 @@ def teacher_precompute(
                 report_expiry(store)
     except (RankingFileError, FileNotFoundError, StoreError) as exc:
         raise cli.fail(exc) from None
+
+
+@teacher_app.command("label")
+def teacher_label(
+    follow: Annotated[bool, typer.Option("--follow", help="keep labelling new events until "
+                                         "SIGINT/SIGTERM (default: stop once caught up)")] = False,
+    version: Annotated[str | None, typer.Option(help="teacher version to label; default the "
+                                                "store's current, else the current teacher")] = None,
+    max_idle_s: Annotated[float | None, typer.Option(help="also stop after this many seconds "
+                                                     "without a new event (default: 30 without "
+                                                     "--follow, never with it)")] = None,
+) -> None:
+    """Nearline labelling: consume the events topic (group labeller.group) and append the
+    soft labels and candidate embeddings the version lacks (insert-if-absent, resumable).
+    Prints a JSON summary; /metrics on labeller.metrics_port if set."""
+    from stores.base import StoreError
+    from streaming.base import StreamError
+    from teacher.label import open_labeller
+
+    s = cli.settings()
+    try:
+        labeller, store, stream = open_labeller(s, version, cli.progress())
+    except (OSError, StoreError, StreamError, ValueError) as exc:  # OSError: the metrics port
+        raise cli.fail(exc) from None
+    try:
+        idle = max_idle_s if max_idle_s is not None else None if follow else 30.0
+        stats = labeller.run(follow=follow, max_idle_s=idle)
+    finally:
+        labeller.close()
+        stream.close()
+        store.close()
+    cli.out.print_json(json.dumps({"teacher_version": labeller.version, **stats.summary()}))
 
 
 @teacher_app.command("install")
