@@ -3,7 +3,8 @@
 Endpoints
 ---------
 ``POST /v1/rank``       rank candidates for a query with the serving bundle
-``POST /v1/feedback``   a user action on a served candidate (position filled in here)
+``POST /v1/feedback``   a user action on a served candidate (position filled in here,
+                        the client's examination ``propensity`` passed on when given)
 ``GET  /healthz``       the process is up
 ``GET  /readyz``        a bundle is loaded and warmed, and the store has not been down
                         longer than ``serving.store_unready_after_s``
@@ -244,7 +245,7 @@ class Server:
         if self.cfg.emit_events:
             fb = Feedback.v2(request_id=req.request_id, candidate_id=req.candidate_id,
                              action=req.action, position=position, dwell_ms=req.dwell_ms,
-                             event_time=datetime.now(UTC),
+                             propensity=req.propensity, event_time=datetime.now(UTC),
                              unknown_candidate=req.candidate_id in served.unknown)
             self.sink.submit(Outgoing(fb))
         return FeedbackResponse(request_id=req.request_id, candidate_id=req.candidate_id,

@@ -56,6 +56,11 @@ class FeedbackRequest(BaseModel):
     candidate_id: str = Field(min_length=1, max_length=256)
     action: Literal["click", "accept", "skip"]
     dwell_ms: float | None = Field(None, ge=0, le=86_400_000)
+    propensity: float | None = Field(
+        None, gt=0, le=1, allow_inf_nan=False,
+        description="examination probability of the clicked position, in (0, 1], as the "
+        "client's click model or propensity estimate gave it; written to the feedback event "
+        "(schema v2) so an inverse-propensity learner divides by it")
 
 
 class FeedbackResponse(BaseModel):

@@ -180,6 +180,31 @@ def test_feedback_gets_its_position_from_the_impression(env, server, client):
     assert [(f.candidate_id, f.position, f.action) for f in fbs] == [(third, 3, "click")]
 
 
+def test_feedback_passes_the_clients_propensity_into_the_v2_event(env, server, client):
+    ex = ds.read_split(env["settings"], "valid")[2]
+    body = client.post("/v1/rank", json={"query": ex.query, "candidates": [
+        {"id": i} for i in ex.candidate_ids]}).json()
+    first, second = (x["id"] for x in body["results"][:2])
+    click = {"request_id": body["request_id"], "action": "click"}
+    for bad in (0, 1.5, -0.25, "often"):
+        r = client.post("/v1/feedback", json={**click, "candidate_id": second, "propensity": bad})
+        assert r.status_code == 422 and r.json()["detail"].startswith("propensity: "), r.text
+    r = client.post("/v1/feedback", json={**click, "candidate_id": second, "propensity": 0.5})
+    assert r.status_code == 200 and r.json()["position"] == 2
+    assert client.post("/v1/feedback", json={**click, "candidate_id": first,
+                                             "propensity": 1}).status_code == 200
+    assert client.post("/v1/feedback", json={**click, "candidate_id": first}).status_code == 200
+    assert server.sink.flush()
+    fbs = [e for e in _events(env["settings"]) if e.type == "feedback"
+           and e.request_id == body["request_id"]]
+    assert [(f.candidate_id, f.position, f.propensity, f.schema_version) for f in fbs] == [
+        (second, 2, 0.5, 2), (first, 1, 1.0, 2), (first, 1, None, 2)]
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["FeedbackRequest"]
+    documented = json.dumps(schema["properties"]["propensity"])
+    assert '"exclusiveMinimum": 0' in documented and '"maximum": 1' in documented
+    assert "examination probability" in documented
+
+
 class _DownProducer:
     """A broker that refuses every write (the real one is in the Kafka outage test)."""
 

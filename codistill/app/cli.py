@@ -22,6 +22,7 @@ from codistill import console as cli  # noqa: E402
 from codistill.app.experiment.commands import experiment_app  # noqa: E402
 from codistill.app.monitor import monitor_app  # noqa: E402
 from codistill.app.online import student_online  # noqa: E402
+from codistill.app.simulate import simulate_command  # noqa: E402
 from codistill.app.stack import stack_app  # noqa: E402
 from codistill.app.traffic import traffic_command  # noqa: E402
 from codistill.config import Size  # noqa: E402
@@ -48,6 +49,7 @@ app.add_typer(monitor_app, name="monitor")
 app.add_typer(stack_app, name="stack")
 app.add_typer(experiment_app, name="experiment")
 app.command("traffic")(traffic_command)
+app.command("simulate")(simulate_command)
 
 student_app.command("online")(student_online)  # it publishes bundles: an app command
 
