@@ -29,6 +29,7 @@ from student.asym import StoreCandidates
 from student.base import Student
 from student.bow import BowConfig, BowStudent
 from student.online.faults import Retry
+from student.online.plan import PlanLog
 from student.tokenizer import SubwordTokenizer
 
 log = logging.getLogger("codistill.trainer")
@@ -107,7 +108,7 @@ def candidate_source(store: Store, version: str, retry: Retry) -> StoreCandidate
 
 
 def new_student(store: Store, settings: Settings, cfg: OnlineTrainerConfig, version: str,
-                retry: Retry) -> Student:
+                retry: Retry, vocabulary_seq: int | None = None) -> Student:
     """The student a trainer without checkpoints starts from.
 
     Parameters
@@ -122,6 +123,8 @@ def new_student(store: Store, settings: Settings, cfg: OnlineTrainerConfig, vers
         The trainer's teacher version.
     retry
         The trainer's retry function.
+    vocabulary_seq
+        The store sequence a fresh vocabulary is fitted under (:func:`vocabulary_texts`).
 
     Returns
     -------
@@ -150,7 +153,7 @@ def new_student(store: Store, settings: Settings, cfg: OnlineTrainerConfig, vers
                         cfg.init_student, student.teacher_version, version)
             student.teacher_version = version
         return student
-    texts = vocabulary_texts(store, settings, cfg, version, retry)
+    texts = vocabulary_texts(store, settings, cfg, version, retry, vocabulary_seq)
     tokenizer = SubwordTokenizer(cfg.max_vocab, cfg.oov_buckets).fit(texts)
     torch.manual_seed(cfg.seed)
     return BowStudent(tokenizer, version, BowConfig(dim=cfg.dim, out_dim=cfg.out_dim),
@@ -158,14 +161,39 @@ def new_student(store: Store, settings: Settings, cfg: OnlineTrainerConfig, vers
                       candidate_max_len=cfg.candidate_max_len)
 
 
+def vocabulary_seq(cfg: OnlineTrainerConfig, plan: PlanLog, keeper: Any) -> int | None:
+    """The store sequence a fresh trainer fits its vocabulary under, recorded in its plan.
+
+    The replayed plan's record first, else this trainer's own (a restart before the
+    first checkpoint reads it back), else the version's sequence now, written down
+    before the fit: a labeller appending candidates in between then changes nothing.
+    None for a warm start (no vocabulary is fitted). ``keeper``: the trainer's
+    :class:`~student.online.keeper.VersionKeeper`.
+    """
+    if cfg.init_student is not None:
+        return None
+    plans = [PlanLog(cfg.replay_plan)] if cfg.replay_plan is not None else []
+    for log_ in [*plans, plan]:
+        if (seq := log_.vocabulary_seq()) is not None:
+            break
+    else:
+        seq = keeper.sequence("before fitting a fresh student's vocabulary")
+    plan.write_vocabulary_seq(seq)
+    return seq
+
+
 def vocabulary_texts(store: Store, settings: Settings, cfg: OnlineTrainerConfig, version: str,
-                     retry: Retry) -> list[str]:
+                     retry: Retry, max_seq: int | None = None) -> list[str]:
     """Candidate texts of its version (+ train-split queries when available).
 
     Parameters
     ----------
     store, settings, cfg, version, retry
         As for :func:`new_student`.
+    max_seq
+        Only candidates appended at or before this store sequence (the one the trainer
+        recorded for its vocabulary), so a replay fits on the same texts however many
+        a labeller added since; None: every candidate.
 
     Returns
     -------
@@ -173,6 +201,10 @@ def vocabulary_texts(store: Store, settings: Settings, cfg: OnlineTrainerConfig,
         The texts to fit the student's subword vocabulary on.
     """
     ids = retry("store", "candidate ids", lambda: sorted(store.iter_candidate_ids(version)))
+    if max_seq is not None and ids:
+        mask = retry("store", "has_embeddings",
+                     lambda: store.has_embeddings(version, ids, max_seq=max_seq))
+        ids = [c for c, ok in zip(ids, mask, strict=True) if ok]
     texts: list[str] = []
     for i in range(0, len(ids), 4096):
         chunk = ids[i : i + 4096]

@@ -45,6 +45,8 @@ from student.online.schedule import FLUSH_PARTITION, Batch, Wait
 
 PLAN_SUFFIX = "-plan"  # <checkpoints>-plan/ beside the checkpoint folder
 PLAN_FORMAT = 1
+# Beside the entries; not ``*.json``, so it is never read as one.
+VOCABULARY_FILE = "vocabulary.store-seq"
 
 
 @dataclass(frozen=True)
@@ -300,6 +302,23 @@ class PlanLog:
         else:
             out = []
         return [e for e in out if e.batch > after]
+
+    def vocabulary_seq(self) -> int | None:
+        """The store sequence a fresh trainer fitted its vocabulary under (None: unrecorded).
+
+        A fresh student's subword vocabulary is fitted on the candidates its version
+        holds, and a labeller (or a precompute) appends more; a replay must fit on the
+        same ones, so the sequence is written down before the fit (``VOCABULARY_FILE``).
+        """
+        path = self.root / VOCABULARY_FILE
+        if not path.is_file():
+            return None
+        return int(json.loads(path.read_text(encoding="utf-8"))["store_seq"])
+
+    def write_vocabulary_seq(self, seq: int) -> None:
+        """Make the vocabulary's store sequence durable (before the fit it pins)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.root / VOCABULARY_FILE, {"store_seq": int(seq)})
 
     def discard(self, after: int) -> None:
         """Remove the entries past ``after`` (they can no longer be replayed)."""

@@ -1,11 +1,9 @@
 """The online trainer's I/O around the learner: what makes each step happen exactly once.
 
-:class:`~student.online.learner.OnlineLearner` takes a step on a joined batch and
-knows nothing of where batches come from. :class:`OnlineTrainer` is the rest: one
-writer per trainer name, the leased teacher version, the offset schedule, reading,
-validating and joining, batched fetches with retries, checkpoint-then-commit,
-metrics and drift, signals, the crash hook and the export of the final student.
-The protocol and why it is exactly-once: :mod:`student.online`.
+:class:`~student.online.learner.OnlineLearner` steps on a joined batch; :class:`OnlineTrainer`
+is the rest: one writer per name, the leased version, the offset schedule, reading,
+validating, joining, fetches with retries, checkpoint-then-commit, metrics, drift,
+signals, the crash hook, the export. Why it is exactly-once: :mod:`student.online`.
 """
 
 from __future__ import annotations
@@ -38,6 +36,7 @@ from student.online.bootstrap import (
     export_student,
     new_student,
     resolve_version,
+    vocabulary_seq,
 )
 from student.online.checkpoint import FLUSH_PARTITION, CheckpointManager, Key, TrainerState
 from student.online.faults import BackoffRetry, CrashHook, Interrupted, stop_on_signals
@@ -219,7 +218,8 @@ class OnlineTrainer:
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
             torch.manual_seed(cfg.seed)
-            student = new_student(self.store, self.settings, cfg, self.version, self._retry)
+            student = new_student(self.store, self.settings, cfg, self.version, self._retry,
+                                  vocabulary_seq(cfg, self.plan, self.keeper))
             self.learner = OnlineLearner.from_config(student, cfg)
             self.state = TrainerState(cfg.name, self.version, self.topic, cfg.batch_size,
                                       store_counts=counts, segments=[first_segment(cfg)])
