@@ -67,3 +67,37 @@ def write_result(name: str, payload: dict[str, Any], out: Path | None = None) ->
                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **payload}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+SERVICE_PORTS = {"redis": ("CODISTILL_REDIS_PORT",),
+                 "kafka": ("CODISTILL_KAFKA_PORT", "CODISTILL_KAFKA_CONTROLLER_PORT"),
+                 "prometheus": ("CODISTILL_PROMETHEUS_PORT",)}
+
+
+@contextmanager
+def private_services(names: list[str], state: Path) -> Iterator[dict[str, str]]:
+    """Start ``names`` with scripts/services.sh in ``state`` on free ports; yields their
+    addresses by name and stops every one of them (also after a failed start).
+
+    Apart from the default-port instances of ``services.sh start`` (tests, a CI clone):
+    own state folder (``CODISTILL_SERVICES_STATE``, as scripts/stack.sh keeps its own),
+    own ports; the services' logs stay in ``state/<name>/``.
+    """
+    script = ROOT / "scripts" / "services.sh"
+    env = {**os.environ, "CODISTILL_SERVICES_STATE": str(state),
+           **{var: str(free_port()) for n in names for var in SERVICE_PORTS[n]}}
+    try:
+        for name in names:
+            subprocess.run(["bash", str(script), "start", name], env=env, check=True, cwd=ROOT)
+        yield {n: (state / f"{n}.address").read_text().strip() for n in names}
+    finally:
+        subprocess.run(["bash", str(script), "stop", *names], env=env, cwd=ROOT, check=False)
