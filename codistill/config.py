@@ -389,8 +389,8 @@ class ExperimentSettings(Section):
     """
 
     seeds: int = Field(5, ge=1, description="seeded user streams (every arm sees each)")
-    impressions: int = Field(6000, ge=2, description="impressions per arm and seed")
-    switch_after: int = Field(3000, ge=1, description="impressions before the preference "
+    impressions: int = Field(4000, ge=2, description="impressions per arm and seed")
+    switch_after: int = Field(2000, ge=1, description="impressions before the preference "
                               "changes (the drift switch)")
     click_model: str = Field("pbm", description="pbm, perfect, navigational, informational")
     strength: float = Field(0.5, ge=0, le=0.5, description="P(a preferred negative is "
@@ -405,10 +405,10 @@ class ExperimentSettings(Section):
     temperature: float = Field(4.0, gt=0)
     lr_distilled: float = Field(1e-3, gt=0, description="learning rate from the distilled start")
     lr_scratch: float = Field(3e-3, gt=0, description="learning rate from random weights")
-    bin: int = Field(250, ge=1, description="impressions per point of the curves")
+    bin: int = Field(200, ge=1, description="impressions per point of the curves")
     strengths: list[float] = Field([0.0, 0.25, 0.5], description="preference strengths of "
                                    "the gain curve (kd+feedback vs the teacher); [] = none")
-    sweep_seeds: int = Field(3, ge=1, description="seeds per point of the gain curve")
+    sweep_seeds: int = Field(2, ge=1, description="seeds per point of the gain curve")
 
 
 class Settings(BaseSettings):
