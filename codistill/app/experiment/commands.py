@@ -9,9 +9,6 @@ store (one embedding per query and per candidate; cached, so a rerun encodes not
 from __future__ import annotations
 
 import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,22 +16,13 @@ from typing import Annotated, Any
 import typer
 
 from codistill import console as cli
+from codistill.app.machine import machine
 from codistill.config import Settings
 
 experiment_app = typer.Typer(help="Experiments on the closed loop.", no_args_is_help=True)
 RESULTS = Path("benchmarks/results")
 QUICK: dict[str, Any] = dict(seeds=2, impressions=160, switch_after=80, bin=40, strengths=[],
                              batch_size=8)
-
-
-def machine() -> dict[str, Any]:
-    """What the run was measured on (stated with every result)."""
-    import torch
-
-    return {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": sys.version.split()[0], "torch": torch.__version__,
-            "platform": platform.platform(), "processor": platform.processor() or None}
 
 
 def build_context(settings: Settings, progress: bool = False, log: Any = print,
