@@ -3,7 +3,7 @@
 #
 #   scripts/stack.sh up        Redis, Kafka, Prometheus (with deploy/prometheus/rules), then
 #                              prepare (data, teacher vectors, student, bundle, topics),
-#                              server, trainer, watcher and traffic; prints the URLs
+#                              server, labeller, trainer, watcher and traffic; prints the URLs
 #   scripts/stack.sh down      stops everything it started (apps, then services)
 #   scripts/stack.sh status    what runs, with pids and URLs
 #   scripts/stack.sh env       the CODISTILL_* settings every app process gets
@@ -11,7 +11,7 @@
 #
 # Ports (env overrides): CODISTILL_STACK_REDIS_PORT 6379, _KAFKA_PORT 9092,
 # _KAFKA_CONTROLLER_PORT 9093, _PROMETHEUS_PORT 9090, _SERVER_PORT 8000,
-# _TRAINER_PORT 9100, _WATCHER_PORT 9101. CODISTILL_STACK_SIZE (small) is the data
+# _TRAINER_PORT 9100, _WATCHER_PORT 9101, _LABELLER_PORT 9102. CODISTILL_STACK_SIZE (small) is the data
 # size, CODISTILL_STACK_STATE (<repo>/.stack) holds pids, logs and the services'
 # state, CODISTILL_STACK_HOME (<state>/home) the artifacts. Logs: <state>/logs/.
 set -euo pipefail
@@ -27,8 +27,9 @@ PROMETHEUS_PORT=${CODISTILL_STACK_PROMETHEUS_PORT:-9090}
 SERVER_PORT=${CODISTILL_STACK_SERVER_PORT:-8000}
 TRAINER_PORT=${CODISTILL_STACK_TRAINER_PORT:-9100}
 WATCHER_PORT=${CODISTILL_STACK_WATCHER_PORT:-9101}
+LABELLER_PORT=${CODISTILL_STACK_LABELLER_PORT:-9102}
 APP_HOME=${CODISTILL_STACK_HOME:-$STATE/home}
-APPS=(server trainer watcher traffic)  # long-running, started in this order
+APPS=(server labeller trainer watcher traffic)  # long-running, started in this order
 
 log() { echo "stack.sh: $*" >&2; }
 
@@ -38,6 +39,7 @@ app_commands() {
     cat <<'CMDS'
 prepare	codistill stack prepare
 server	codistill serve
+labeller	codistill teacher label --follow
 trainer	codistill student online --init-student current --lr 1e-4 --max-batch-wait-s 2 --publish-every 200
 watcher	codistill serve-watch
 traffic	codistill traffic
@@ -58,6 +60,8 @@ CODISTILL_STREAM__BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_PORT
 CODISTILL_SERVING__PORT=$SERVER_PORT
 CODISTILL_SERVING__ADMIN_API_KEY=${CODISTILL_SERVING__ADMIN_API_KEY:-codistill-local-admin}
 CODISTILL_ONLINE__METRICS_PORT=$TRAINER_PORT
+CODISTILL_ONLINE__LABELLER=true
+CODISTILL_LABELLER__METRICS_PORT=$LABELLER_PORT
 CODISTILL_WATCHER__METRICS_PORT=$WATCHER_PORT
 CODISTILL_WATCHER__SERVER_URL=http://127.0.0.1:$SERVER_PORT
 CODISTILL_TRAFFIC__SERVER_URL=http://127.0.0.1:$SERVER_PORT
@@ -94,6 +98,7 @@ EOF
 url_of() {
     case "$1" in
         server) echo "http://127.0.0.1:$SERVER_PORT" ;;
+        labeller) echo "http://127.0.0.1:$LABELLER_PORT/metrics" ;;
         trainer) echo "http://127.0.0.1:$TRAINER_PORT/metrics" ;;
         watcher) echo "http://127.0.0.1:$WATCHER_PORT/metrics" ;;
         traffic) echo "(sends to http://127.0.0.1:$SERVER_PORT)" ;;
@@ -103,6 +108,7 @@ url_of() {
 ready_url() {
     case "$1" in
         server) echo "http://127.0.0.1:$SERVER_PORT/readyz" ;;
+        labeller) echo "http://127.0.0.1:$LABELLER_PORT/metrics" ;;
         trainer) echo "http://127.0.0.1:$TRAINER_PORT/metrics" ;;
         watcher) echo "http://127.0.0.1:$WATCHER_PORT/metrics" ;;
         *) echo "" ;;
@@ -158,7 +164,8 @@ write_targets() {
     cat >"$tmp" <<EOF
 [{"targets": ["127.0.0.1:$SERVER_PORT"], "labels": {"job": "codistill-server"}},
  {"targets": ["127.0.0.1:$TRAINER_PORT"], "labels": {"job": "codistill-trainer"}},
- {"targets": ["127.0.0.1:$WATCHER_PORT"], "labels": {"job": "codistill-watcher"}}]
+ {"targets": ["127.0.0.1:$WATCHER_PORT"], "labels": {"job": "codistill-watcher"}},
+ {"targets": ["127.0.0.1:$LABELLER_PORT"], "labels": {"job": "codistill-labeller"}}]
 EOF
     mv "$tmp" "$dir/stack.json"
 }
@@ -189,6 +196,7 @@ up() {
     cat <<EOF
 codistill stack is up ($((SECONDS - t0)) s), all on 127.0.0.1:
   server      http://127.0.0.1:$SERVER_PORT   (POST /v1/rank, /v1/feedback; /docs, /metrics, /readyz)
+  labeller    http://127.0.0.1:$LABELLER_PORT/metrics   (nearline labels for new queries)
   trainer     http://127.0.0.1:$TRAINER_PORT/metrics
   watcher     http://127.0.0.1:$WATCHER_PORT/metrics
   prometheus  http://127.0.0.1:$PROMETHEUS_PORT   (alerts: /alerts)

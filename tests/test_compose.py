@@ -41,11 +41,12 @@ COMPLETED = "service_completed_successfully"
 DEPENDS_ON = {
     "prepare": {"redis": HEALTHY, "kafka": HEALTHY},
     "server": {"prepare": COMPLETED, "redis": HEALTHY, "kafka": HEALTHY},
+    "labeller": {"prepare": COMPLETED, "redis": HEALTHY, "kafka": HEALTHY},
     "trainer": {"prepare": COMPLETED, "redis": HEALTHY, "kafka": HEALTHY},
     "watcher": {"server": HEALTHY},
     "traffic": {"server": HEALTHY},
 }
-HEALTHCHECKED = ("server", "trainer", "watcher")
+HEALTHCHECKED = ("server", "labeller", "trainer", "watcher")
 # files scripts/setup.sh needs inside the build context
 SETUP_INPUTS = ("pyproject.toml", "requirements.lock", "README.md", "scripts/setup.sh",
                 "codistill/config.py", "teacher/teachers.lock.json")
@@ -189,6 +190,7 @@ def test_prepare_is_a_one_shot_job() -> None:
 def test_healthchecks_hit_the_configured_ports(monkeypatch: pytest.MonkeyPatch) -> None:
     ports = {
         "server": (_settings("server", monkeypatch).serving.port, "/readyz"),
+        "labeller": (_settings("labeller", monkeypatch).labeller.metrics_port, "/metrics"),
         "trainer": (_settings("trainer", monkeypatch).online.metrics_port, "/metrics"),
         "watcher": (_settings("watcher", monkeypatch).watcher.metrics_port, "/metrics"),
     }
@@ -216,7 +218,8 @@ def test_environment_is_accepted_by_settings(name: str, monkeypatch: pytest.Monk
     for key, value in env.items():
         if key.startswith("CODISTILL_"):
             got = _setting(settings, key)
-            assert str(got) == value, f"{name}: {key}={value!r} reads back as {got!r}"
+            shown = str(got).lower() if isinstance(got, bool) else str(got)
+            assert shown == value, f"{name}: {key}={value!r} reads back as {got!r}"
     assert env.get("HF_HUB_OFFLINE") == "1", name
     assert settings.store.backend == "redis" and settings.store.redis_url.startswith("redis://redis:")
     assert settings.stream.backend == "kafka" and settings.stream.bootstrap_servers == "kafka:9092"

@@ -21,7 +21,7 @@ from tests.helpers.redis_process import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-APPS = ("server", "trainer", "watcher", "traffic")
+APPS = ("server", "labeller", "trainer", "watcher", "traffic")
 
 
 def _stack(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -64,7 +64,7 @@ def _until(predicate: Any, timeout: float, what: str) -> Any:
 def stack(tmp_path_factory: pytest.TempPathFactory):
     state = tmp_path_factory.mktemp("stack")
     ports = {k: str(free_port()) for k in ("REDIS", "KAFKA", "KAFKA_CONTROLLER", "PROMETHEUS",
-                                           "SERVER", "TRAINER", "WATCHER")}
+                                           "SERVER", "TRAINER", "WATCHER", "LABELLER")}
     env = {**os.environ, "CODISTILL_STACK_STATE": str(state),
            **{f"CODISTILL_STACK_{k}_PORT": v for k, v in ports.items()},
            # a switch of the query source after 300 requests (15 s): the drift panels move
