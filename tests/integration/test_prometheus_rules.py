@@ -200,6 +200,7 @@ def test_config_scrapes_every_component_and_loads_the_rules() -> None:
         "codistill-server": ("/metrics", ["server:8000"]),
         "codistill-trainer": ("/metrics", ["trainer:9100"]),
         "codistill-watcher": ("/metrics", ["watcher:9101"]),
+        "codistill-labeller": ("/metrics", ["labeller:9102"]),
     }
     # CodistillTargetDown selects the app jobs by this prefix
     target_down = next(a for a in _alerts() if a["alert"] == "CodistillTargetDown")
