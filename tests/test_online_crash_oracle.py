@@ -42,21 +42,16 @@ from tests.helpers.online import (
 
 # appends generated requests to the embedded log in chunks, pausing between them
 PRODUCER = """
-import sys, time
+import sys
 from datetime import UTC, datetime
 from codistill.config import load_settings
 from streaming import open_stream
-from tests.helpers.online import make_stream, tiny_corpus
+from tests.helpers.online import make_stream, produce_live, tiny_corpus
 settings = load_settings()
 gen = make_stream(tiny_corpus(), int(sys.argv[1]), seed=int(sys.argv[2]),
                   start=datetime(2026, 1, 1, 1, tzinfo=UTC))
 with open_stream(settings.resolved_stream()) as stream:
-    step = int(sys.argv[3])
-    for i in range(0, len(gen.messages), step):
-        for m in gen.messages[i:i + step]:
-            stream.send(settings.stream.topic, m.key, m.value)
-        stream.flush()
-        time.sleep(float(sys.argv[4]))
+    produce_live(stream, settings.stream.topic, gen, int(sys.argv[3]), float(sys.argv[4]))
 """
 
 LIVE = {"name": "crashy", "batch_size": 16, "checkpoint_every": 3, "poll_interval_s": 0.05,

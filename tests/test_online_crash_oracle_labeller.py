@@ -87,22 +87,18 @@ LIVE = {"name": "crashy", "batch_size": 16, "checkpoint_every": 3, "poll_interva
 # stores wave B's texts (as the server does, before it emits an impression naming them),
 # then appends a seeded stream over all new queries in chunks, pausing between them
 PRODUCER = """
-import sys, time
+import sys
 from codistill.config import load_settings
 from stores import open_store
 from streaming import open_stream
+from tests.helpers.online import produce_live
 from tests.test_online_crash_oracle_labeller import new_texts, new_stream
 settings = load_settings()
 with open_store(settings.resolved_store()) as store:
     store.put_texts(new_texts(slice(6, None)))
 gen = new_stream(slice(None), int(sys.argv[1]), seed=int(sys.argv[2]), minutes=2)
 with open_stream(settings.resolved_stream()) as stream:
-    step = int(sys.argv[3])
-    for i in range(0, len(gen.messages), step):
-        for m in gen.messages[i:i + step]:
-            stream.send(settings.stream.topic, m.key, m.value)
-        stream.flush()
-        time.sleep(float(sys.argv[4]))
+    produce_live(stream, settings.stream.topic, gen, int(sys.argv[3]), float(sys.argv[4]))
 """
 
 

@@ -136,6 +136,18 @@ def produce(stream: EventStream, topic: str, generated: GeneratedStream) -> None
     stream.flush()
 
 
+def produce_live(stream: EventStream, topic: str, generated: GeneratedStream, step: int,
+                 pause_s: float) -> None:
+    """A live producer: ``step`` messages at a time, flushed, then ``pause_s`` of quiet."""
+    import time
+
+    for i in range(0, len(generated.messages), step):
+        for m in generated.messages[i:i + step]:
+            stream.send(topic, m.key, m.value)
+        stream.flush()
+        time.sleep(pause_s)
+
+
 def read_topic(stream: EventStream, topic: str, batch: int = 1000) -> list[Record]:
     """Every record of ``topic``, partition by partition."""
     out: list[Record] = []
