@@ -29,17 +29,14 @@ from streaming import Feedback, Impression, open_stream, parse_event
 from streaming.dlq import Rejection, validate
 from teacher import workflow as wf
 from tests.helpers.online import read_topic
-from tests.helpers.serving import close_server, serve_in_thread
+from tests.helpers.serving import close_server, copy_home, serve_in_thread
 
 
 @pytest.fixture(scope="module")
 def home(serving_env, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """A copy of the serving home (its store, cache and students; no events, no bundles)."""
     s0, _ = serving_env
-    home = tmp_path_factory.mktemp("simulate") / "home"
-    shutil.copytree(s0.home, home, ignore=lambda d, names: [
-        n for n in names if Path(d) == s0.home and n in {"bundles", "events", "serving"}])
-    return s0.model_copy(update={"home": home})
+    return copy_home(s0, tmp_path_factory.mktemp("simulate") / "home")
 
 
 def _invoke(home: Path | Settings, args: list[str], monkeypatch: pytest.MonkeyPatch) -> Any:

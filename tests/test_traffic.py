@@ -6,14 +6,12 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import threading
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,7 +32,7 @@ from serving.bundle import BundleRegistry
 from serving.commands import build_server
 from stores import open_configured_store
 from tests.helpers.redis_process import free_port
-from tests.helpers.serving import close_server, serve_in_thread
+from tests.helpers.serving import close_server, copy_home, serve_in_thread
 
 FEEDBACK_OK = 'codistill_serving_requests_total{endpoint="/v1/feedback",status="200"}'
 RANK_OK = 'codistill_serving_requests_total{endpoint="/v1/rank",status="200"}'
@@ -44,11 +42,8 @@ RANK_OK = 'codistill_serving_requests_total{endpoint="/v1/rank",status="200"}'
 def home(serving_env, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """A copy of the serving home (no other module's bundles) serving the asym-bow student."""
     s0, students = serving_env
-    home = tmp_path_factory.mktemp("traffic") / "home"
-    shutil.copytree(s0.home, home, ignore=lambda d, names: [
-        n for n in names if Path(d) == s0.home and n in {"bundles", "events", "serving"}])
-    s = s0.model_copy(update={"home": home, "serving": s0.serving.model_copy(
-        update={"emit_events": False})})
+    s = copy_home(s0, tmp_path_factory.mktemp("traffic") / "home")
+    s = s.model_copy(update={"serving": s.serving.model_copy(update={"emit_events": False})})
     with open_configured_store(s) as store:
         version = export_bundle(s, store, students["asym-bow"]).bundle_version
     BundleRegistry(s.bundles_dir).set_serving(version)

@@ -9,6 +9,7 @@ distilled for a few epochs: ``asym-bow`` (query tower only, current) and ``bow``
 from __future__ import annotations
 
 import contextlib
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -36,6 +37,14 @@ def _cut(examples: list[RankingExample], n: int) -> list[RankingExample]:
             "candidate_ids": [ex.candidate_ids[i] for i in keep],
             "labels": [ex.labels[i] for i in keep]}))
     return out
+
+
+def copy_home(s0: Settings, home: Path) -> Settings:
+    """A private copy of a shared home (store, cache, students), without its bundles,
+    events and serving state, so a module can serve and write events of its own."""
+    shutil.copytree(s0.home, home, ignore=lambda d, names: [
+        n for n in names if Path(d) == s0.home and n in {"bundles", "events", "serving"}])
+    return s0.model_copy(update={"home": home})
 
 
 def serving_home(home: Path, **overrides: Any) -> tuple[Settings, dict[str, str]]:
