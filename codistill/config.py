@@ -367,14 +367,11 @@ class TrafficSettings(Section):
     server_url: str | None = Field(None, description="default http://serving.host:serving.port")
     rate: float = Field(20.0, gt=0, description="rank requests per second")
     requests: int | None = Field(None, ge=1, description="stop after this many; None = forever")
-    sources: list[str] = Field(["valid", "guard:nl2code-prose"], min_length=1,
-                               description="query sources in order: a split (train, valid, "
-                               "test) or guard:<name>")
+    sources: list[str] = Field(["valid", "guard:nl2code-prose"], min_length=1, description=(
+        "query sources in order: a split (train, valid, test) or guard:<name>"))
     switch_after: int = Field(600, ge=1, description="requests per source before the next")
-    click_eta: float = Field(1.0, ge=0, description="position bias: P(examine rank r) = "
-                             "1 / r^eta")
-    accept_share: float = Field(0.3, ge=0, le=1, description="clicks on the gold candidate "
-                                "that are also accepted")
+    click_eta: float = Field(1.0, ge=0, description="position bias: P(examine r) = 1 / r^eta")
+    accept_share: float = Field(0.3, ge=0, le=1, description="gold clicks also accepted")
     seed: int = 0
 
 
@@ -390,25 +387,27 @@ class ExperimentSettings(Section):
 
     seeds: int = Field(5, ge=1, description="seeded user streams (every arm sees each)")
     impressions: int = Field(4000, ge=2, description="impressions per arm and seed")
-    switch_after: int = Field(2000, ge=1, description="impressions before the preference "
-                              "changes (the drift switch)")
+    switch_after: int = Field(2000, ge=1, description="impressions before the drift switch")
     click_model: str = Field("pbm", description="pbm, perfect, navigational, informational")
-    strength: float = Field(0.5, ge=0, le=0.5, description="P(a preferred negative is "
-                            "relevant); the issue fixes 0.5")
+    strength: float = Field(0.5, ge=0, le=0.5, description="P(preferred negative relevant)")
     preference: str = Field("typed", description="the users' preference before the switch")
     switch_to: str = Field("raises", description="the preference after the switch")
     depth: int = Field(10, ge=1, description="results shown per impression")
-    propensity: Literal["model", "swap"] = Field("model", description="logged propensities: "
-                                                 "the click model's, or estimated by swaps")
+    propensity: Literal["model", "swap"] = Field("model", description="click model's or by swaps")
     batch_size: int = Field(16, ge=1, description="impressions per learning step")
     alpha: float = Field(0.5, ge=0, le=1, description="KD weight of the kd+feedback arms")
     temperature: float = Field(4.0, gt=0)
     lr_distilled: float = Field(1e-3, gt=0, description="learning rate from the distilled start")
     lr_scratch: float = Field(3e-3, gt=0, description="learning rate from random weights")
     bin: int = Field(200, ge=1, description="impressions per point of the curves")
-    strengths: list[float] = Field([0.0, 0.25, 0.5], description="preference strengths of "
-                                   "the gain curve (kd+feedback vs the teacher); [] = none")
+    strengths: list[float] = Field([0.0, 0.25, 0.5], description="gain-curve strengths; [] = none")
     sweep_seeds: int = Field(2, ge=1, description="seeds per point of the gain curve")
+    stack_rate: float = Field(10.0, ge=0, description="--stack: impressions per second the "
+                              "users send to the server; 0 = as fast as it answers")
+    stack_publish_every: int = Field(4, ge=1, description="--stack: trainer batches between "
+                                     "serving bundles (each is promoted as it appears)")
+    stack_window_s: float = Field(1.0, gt=0, description="--stack: the trainer's join window "
+                                  "and partial-batch wait (seconds)")
 
 
 class Settings(BaseSettings):
@@ -418,6 +417,8 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path("artifacts"), description="where data, models and caches live")
     threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")
+    embedding_cache: Path | None = Field(None, description="teacher embedding cache folder; "
+                                         "default HOME/cache (content-addressed: shareable)")
     data: DataSettings = DataSettings()
     teacher: TeacherSettings = TeacherSettings()
     store: StoreSettings = StoreSettings()
@@ -464,7 +465,9 @@ class Settings(BaseSettings):
 
     @property
     def cache_dir(self) -> Path:
-        return self.home / "cache"
+        """``embedding_cache``, else per home; shared, homes re-encode nothing (keys are
+        the content-addressed teacher version and the text hash)."""
+        return self.embedding_cache or self.home / "cache"
 
     @property
     def download_dir(self) -> Path:

@@ -6,18 +6,47 @@ environment names one (``CODISTILL_TEST_REDIS_URL``, ``CODISTILL_TEST_KAFKA``,
 service with the repo's own ``scripts/services.sh`` on 127.0.0.1 and stops it
 when the session ends. A service that cannot be started fails the test: an
 integration test never silently skips.
+
+Every home of the session (subprocesses included) shares one teacher embedding cache
+(``CODISTILL_EMBEDDING_CACHE``; keys are content-addressed), so the same texts are not
+re-encoded by the same teacher in every module; a test that needs a cold cache sets
+``embedding_cache`` itself. Built data sets are shared the same way
+(``tests.helpers.data.build_data``).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 _ENV = {"redis": "CODISTILL_TEST_REDIS_URL", "kafka": "CODISTILL_TEST_KAFKA", "prometheus": "CODISTILL_TEST_PROMETHEUS"}
+
+
+_SESSION_DIR: str | None = None
+_SHARED = {"CODISTILL_EMBEDDING_CACHE": "embeddings", "CODISTILL_TEST_DATA_CACHE": "data"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _SESSION_DIR
+    _SESSION_DIR = tempfile.mkdtemp(prefix="codistill-session-")
+    for env, sub in _SHARED.items():
+        if env not in os.environ:
+            os.environ[env] = os.path.join(_SESSION_DIR, sub)
+            os.makedirs(os.environ[env])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_DIR is not None:
+        for env in _SHARED:
+            if os.environ.get(env, "").startswith(_SESSION_DIR):
+                del os.environ[env]
+        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
 def _service(name: str, request: pytest.FixtureRequest) -> str:

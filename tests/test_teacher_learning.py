@@ -8,18 +8,21 @@ import pytest
 
 from codistill.config import load_settings
 from tasks import dataset as ds
-from tasks.build import build_dataset
 from teacher import workflow as wf
+from tests.helpers.data import build_data
 
 pytestmark = pytest.mark.slow
 
-# Stated margin. These are the demo's fine-tuning settings (60 steps); on the demo
-# split they gave test MRR@10 0.7124 -> 0.7461 and valid 0.7259 -> 0.7403
-# (benchmarks/results/demo-summary.json), which the gate promotes (one-sided 95% lower
-# bound of the valid gain +0.003; 40 steps gave valid +0.009, not enough). Asserted
-# with slack for thread-count / BLAS nondeterminism.
+# Stated margin. The demo's fine-tuning settings (60 steps, 2 layers) with the teacher
+# reading 64 subwords instead of the demo's 96 / 128, which cuts this module's encoding
+# in CI by about a third. Measured on the demo split (2 cores): test MRR@10
+# 0.6916 -> 0.7178, valid +0.025 with the gate's one-sided 95% lower bound +0.014, both
+# guard sets up (nl2code-prose +0.036, code2code-versions +0.008); at 96 subwords the
+# demo gave test 0.7124 -> 0.7461 and valid +0.014 (benchmarks/results/demo-summary.json).
+# Asserted with slack for thread-count / BLAS nondeterminism.
 MIN_GAIN = 0.01
-TRAIN = {"max_steps": 60, "batch_size": 16, "lr": 5e-5, "train_layers": 2, "max_seq_length": 96,
+SEQ = 64
+TRAIN = {"max_steps": 60, "batch_size": 16, "lr": 5e-5, "train_layers": 2, "max_seq_length": SEQ,
          "time_budget_s": 1e9, "seed": 0}
 
 
@@ -27,12 +30,12 @@ TRAIN = {"max_steps": 60, "batch_size": 16, "lr": 5e-5, "train_layers": 2, "max_
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("learn")
     s = load_settings(home=home, data={"size": "demo"})
-    build_dataset(s.data, s.data_dir, s.download_dir, progress=False)
+    build_data(s)
     return home
 
 
 def _settings(home: Path, **train):
-    s = load_settings(home=home, data={"size": "demo"})
+    s = load_settings(home=home, data={"size": "demo"}, teacher={"max_seq_length": SEQ})
     s.teacher.train = s.teacher.train.model_copy(update={**TRAIN, **train})
     return s
 

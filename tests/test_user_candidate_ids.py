@@ -35,8 +35,8 @@ from student.evaluation import student_scores
 from student.online import JoinedBatch, OnlineLearner
 from student.tokenizer import SubwordTokenizer
 from tasks import dataset as ds
-from tasks.build import build_dataset
 from teacher import workflow as wf
+from tests.helpers.data import build_data
 
 SIZES = {"train": 40, "valid": 12, "test": 12}
 PER_LIST = 8
@@ -70,7 +70,7 @@ def _rename(splits: dict[str, list[RankingExample]]) -> dict[str, list[RankingEx
 def home(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     s = load_settings(home=tmp_path_factory.mktemp("user-ids-home"), data={"size": "small"},
                       teacher={"max_seq_length": 64})
-    build_dataset(s.data, s.data_dir, s.download_dir, progress=False)
+    build_data(s)
     splits = _rename({sp: ds.read_split(s, sp) for sp in ds.SPLITS})
     for sp, examples in splits.items():
         write_ranking_file(s.data_dir / f"{sp}.jsonl", examples)

@@ -20,8 +20,8 @@ from codistill.config import DistillConfig, Settings, load_settings
 from codistill.ranking import RankingExample, write_ranking_file
 from student.distill import distill
 from tasks import dataset as ds
-from tasks.build import build_dataset
 from teacher import workflow as wf
+from tests.helpers.data import build_data
 
 SIZES = {"train": 40, "valid": 12, "test": 12}
 PER_LIST = 8
@@ -51,7 +51,7 @@ def serving_home(home: Path, **overrides: Any) -> tuple[Settings, dict[str, str]
     """Build the home; returns its settings and ``{"asym-bow": version, "bow": version}``."""
     s = load_settings(home=home, data={"size": "small"}, teacher={"max_seq_length": 64},
                       **overrides)
-    build_dataset(s.data, s.data_dir, s.download_dir, progress=False)
+    build_data(s)
     for sp in ds.SPLITS:
         write_ranking_file(s.data_dir / f"{sp}.jsonl", _cut(ds.read_split(s, sp), SIZES[sp]))
     version = wf.ensure_current(s)
