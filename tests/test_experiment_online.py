@@ -103,3 +103,31 @@ def test_targets_and_intervals_on_known_numbers() -> None:
     assert t["auc1000_distilled_kdfb_over_feedback"]["holds"] is None  # reported, no target
     assert t["last1000_scratch_kd_over_teacher"]["mean"] == pytest.approx(0.92)
     assert report.targets([run], first_seen=True)["last1000_scratch_kd_over_teacher"]["n"] == 0
+
+
+def test_stack_agreement_verdict_on_known_curves() -> None:
+    """The stack arm agrees when its phase means lie in the in-process arm's intervals,
+    and not when it is off by more than the seeds' spread; trainer batches follow clicks."""
+    from codistill.app.experiment.run import SeedRun
+    from codistill.app.experiment.stack import REFERENCE, STACK_ARM, agreement, batch_records
+
+    n, switch = 400, 200
+    rng = np.random.default_rng(0)
+
+    def runs(offset: float) -> list[SeedRun]:
+        out = []
+        for seed in range(5):
+            ref = 0.5 + 0.02 * rng.standard_normal() + np.r_[np.zeros(switch), 0.1 * np.ones(n - switch)]
+            scores = {REFERENCE: ref, STACK_ARM: ref + offset}
+            out.append(SeedRun(seed, switch, np.zeros(n, dtype=bool), ndcg=scores, rr=scores))
+        return out
+
+    same = agreement(runs(0.0), 100)
+    assert same["holds"] is True and same["bins_inside"] == same["bins"] == 4
+    assert same["phases"]["after"]["difference"]["mean"] == pytest.approx(0.0)
+    off = agreement(runs(-0.2), 100)
+    assert off["holds"] is False and off["bins_inside"] == 0
+    assert off["phases"]["all"]["difference"]["mean"] == pytest.approx(-0.2)
+    run = SeedRun(0, None, np.zeros(1, dtype=bool),
+                  arms={REFERENCE: {"impressions": 100, "clicks": 60}})
+    assert batch_records(run, 16) == 26  # 16 impressions and their ~9.6 clicks

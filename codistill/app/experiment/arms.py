@@ -164,10 +164,12 @@ class LearningArm(StudentArm):
         self.learner, self.view, self.examples = learner, view, examples
         self.batch_size = batch_size
         self.buffer: list[JoinedImpression] = []
-        self.steps = self.skipped = 0
+        self.steps = self.skipped = self.impressions = self.clicks = 0
         self.losses: list[float] = []
 
     def observe(self, interaction: Interaction) -> None:
+        self.impressions += 1
+        self.clicks += len(interaction.feedback)
         self.buffer.append(JoinedImpression(interaction.impression, list(interaction.feedback)))
         if len(self.buffer) >= self.batch_size:
             self.flush()
@@ -195,5 +197,6 @@ class LearningArm(StudentArm):
     def summary(self) -> dict[str, Any]:
         last = self.losses[-50:]
         return {**super().summary(), "steps": self.steps, "skipped_batches": self.skipped,
+                "impressions": self.impressions, "clicks": self.clicks,
                 "alpha": self.learner.alpha, "batch_size": self.batch_size,
                 "mean_loss_last_50": float(np.mean(last)) if last else None}

@@ -68,8 +68,13 @@ def build_context(settings: Settings, progress: bool = False, log: Any = print,
 
 
 def run_experiment(settings: Settings, *, out: Path | None = None, progress: bool = True,
-                   log: Any = print, prepare: bool = True) -> dict[str, Any]:
-    """Every arm on ``experiment.seeds`` user streams (and the gain curve); JSON + PNG."""
+                   log: Any = print, prepare: bool = True, stack: bool = False
+                   ) -> dict[str, Any]:
+    """Every arm on ``experiment.seeds`` user streams (and the gain curve); JSON + PNG.
+
+    ``stack``: the KD + feedback arm once more through Kafka, Redis, the labeller, the
+    trainer and the server (:mod:`codistill.app.experiment.stack`), on the same users.
+    """
     from rich.progress import Progress
 
     from codistill.app.experiment import report
@@ -101,9 +106,14 @@ def run_experiment(settings: Settings, *, out: Path | None = None, progress: boo
                      for r in pts]
             sweep.append({"strength": strength, "gain_after_switch": report.interval(gains),
                           "per_seed": gains})
+    stack_section = None
+    if stack:
+        from codistill.app.experiment.stack import STACK_ARM, run_stack
+
+        stack_section = run_stack(settings, ctx, info, runs, log)
     result: dict[str, Any] = {
         "benchmark": "online-experiment",
-        "config": {**cfg.model_dump(), "arms": list(ARMS)},
+        "config": {**cfg.model_dump(), "arms": list(ARMS) + ([STACK_ARM] if stack else [])},
         "scenario": scenario(cfg),
         "data": {"size": settings.data.size, "data_hash": manifest_data_hash(settings),
                  "online_queries": len(ctx.examples)},
@@ -118,6 +128,7 @@ def run_experiment(settings: Settings, *, out: Path | None = None, progress: boo
         "curves": {m: report.curves(runs, cfg.bin, m) for m in ("ndcg", "rr")},
         "curves_first_seen": {"ndcg": report.curves(runs, cfg.bin, "ndcg", first_seen=True)},
         "strength_sweep": sweep,
+        "stack": stack_section,
         "arms": {r.seed: r.arms for r in runs},
         "seconds_per_seed": [round(r.seconds, 1) for r in runs],
         "seconds": round(time.monotonic() - t0, 1),
@@ -157,6 +168,12 @@ def _table(result: dict[str, Any]) -> None:
         t.add_row(arm, fmt(row["ndcg_before"]), fmt(row["ndcg_after"]), fmt(row["rr_before"]),
                   fmt(row["rr_after"]))
     cli.out.print(t)
+    if (stack := result.get("stack")) is not None:
+        agree = stack["agreement"]
+        verdict = {True: "within", False: "outside", None: "not judged"}[agree["holds"]]
+        cli.out.print(f"stack arm: {verdict} the in-process arm's 95% intervals "
+                      f"({agree['bins_inside']}/{agree['bins']} curve bins inside; "
+                      f"{stack['errors']} errors)")
     for name, tgt in result["targets"].items():
         verdict = {True: "holds", False: "does not hold", None: "reported"}[tgt["holds"]]
         mean = "-" if tgt["mean"] is None else f"{tgt['mean']:.3f}"
@@ -172,15 +189,21 @@ def online_command(
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
     prepare: Annotated[bool, typer.Option(help="build data, teacher labels and the student "
                                                 "first (skipped where done)")] = True,
+    stack: Annotated[bool, typer.Option(help="also run the KD + feedback arm through Kafka "
+                                             "(stream.bootstrap_servers), Redis "
+                                             "(store.redis_url), the labeller, the trainer and "
+                                             "the server")] = False,
 ) -> None:
     """Frozen teacher, frozen student, BM25 and six learning students on one user stream."""
+    from codistill.app.processes import StageFailed
+
     s = cli.settings()
     if quick:
         s = s.model_copy(update={"experiment": s.experiment.model_copy(update=QUICK)})
     try:
         result = run_experiment(s, out=out, progress=progress, log=cli.console.print,
-                                prepare=prepare)
-    except (FileNotFoundError, ValueError) as exc:
+                                prepare=prepare, stack=stack)
+    except (FileNotFoundError, ValueError, StageFailed) as exc:
         raise cli.fail(exc) from None
     _table(result)
     cli.out.print(f"wrote {result['json']} and {result['png']}")

@@ -131,7 +131,8 @@ def phase_table(runs: Sequence[SeedRun], first_seen: bool = False) -> dict[str, 
 STYLE = {TEACHER: ("black", "-"), BM25: ("grey", ":"), FROZEN: ("tab:purple", "--"),
          "distilled/kd+feedback": ("tab:red", "-"), "distilled/kd": ("tab:blue", "-"),
          "distilled/feedback": ("tab:green", "-"), "scratch/kd+feedback": ("tab:red", "--"),
-         "scratch/kd": ("tab:blue", "--"), "scratch/feedback": ("tab:green", "--")}
+         "scratch/kd": ("tab:blue", "--"), "scratch/feedback": ("tab:green", "--"),
+         "stack/kd+feedback": ("tab:orange", "-.")}
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
