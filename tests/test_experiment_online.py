@@ -131,3 +131,39 @@ def test_stack_agreement_verdict_on_known_curves() -> None:
     run = SeedRun(0, None, np.zeros(1, dtype=bool),
                   arms={REFERENCE: {"impressions": 100, "clicks": 60}})
     assert batch_records(run, 16) == 26  # 16 impressions and their ~9.6 clicks
+
+
+def test_stack_drain_waits_for_every_event_not_a_stale_zero_lag() -> None:
+    """The trainer's lag gauge is set per batch, so it reads 0 while events it has not
+    read yet are on the topic: draining waits for its consumed counter instead."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from codistill.app.experiment.stack import drain
+
+    t0 = time.monotonic()
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            consumed = 10 if time.monotonic() - t0 > 0.6 else 5
+            body = ('codistill_trainer_lag{partition="0"} 0.0\n'
+                    f"codistill_trainer_events_consumed_total {consumed}.0\n").encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    try:
+        assert drain(url, 0.0, expected=10, timeout=5.0)
+        assert time.monotonic() - t0 > 0.6  # it did not stop at the first zero lag
+        assert not drain(url, 0.0, expected=11, timeout=0.5)  # never reached: False
+    finally:
+        server.shutdown()
+        server.server_close()
