@@ -202,18 +202,19 @@ class Promoter(threading.Thread):
             self.step()
 
 
-def drain(trainer_metrics: str, window_s: float, timeout: float = 30.0) -> bool:
-    """Wait (bounded) until the trainer has applied every event the users caused: its lag
-    is 0 and a partial last batch had its wait, so its summary counts the whole seed."""
+def drain(trainer_metrics: str, window_s: float, expected: int, timeout: float = 60.0) -> bool:
+    """Wait (bounded) until the trainer has read the ``expected`` events the users caused
+    (its consumed counter: the lag gauge is set per batch, so a stale 0 says nothing about
+    events that arrived since), then a partial last batch's wait; False on the timeout."""
     from codistill.app.processes import scrape, total, until
 
-    def caught_up() -> bool:
+    def read_all() -> bool:
         m = scrape(trainer_metrics)
-        return m is not None and total(m, "codistill_trainer_lag") == 0
+        return m is not None and total(m, "codistill_trainer_events_consumed_total") >= expected
 
-    done = until(caught_up, timeout)
-    time.sleep(window_s + 1.0)
-    return done and caught_up()
+    done = until(read_all, timeout)
+    time.sleep(window_s + 1.0 if done else 0.0)
+    return done
 
 
 def run_stack_seed(settings: Settings, run_home: Path, ctx: Any, cfg: ExperimentSettings,
@@ -275,7 +276,9 @@ def run_stack_seed(settings: Settings, run_home: Path, ctx: Any, cfg: Experiment
         simulate_on_server(remote, ctx.examples, simulator_config(cfg, run.seed), n, summary,
                            rate=cfg.stack_rate, on_shown=shown)
         out.errors = summary.errors
-        drain(urls["trainer"], cfg.stack_window_s)
+        if not drain(urls["trainer"], cfg.stack_window_s, summary.events_written):
+            log(f"stack seed {run.seed}: the trainer did not read every event within 60 s")
+            out.errors += 1
         out.simulator = {"impressions": summary.impressions, "clicks": summary.clicks,
                          "events_written": summary.events_written,
                          "events_per_s": summary.events_per_s, "seconds": summary.seconds}
