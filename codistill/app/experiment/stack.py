@@ -146,6 +146,13 @@ def stage_env(s: Settings, tag: str, services: dict[str, str], cfg: ExperimentSe
     return env
 
 
+def cleanup(services: dict[str, str], tag: str) -> None:
+    """Remove namespace ``tag``'s Redis keys and its Kafka topics (the services stay up)."""
+    from codistill.app.processes import backend_env, cleanup_shared
+
+    cleanup_shared(backend_env("kafka-redis", services, tag), tag)
+
+
 def batch_records(run: Any, batch_size: int) -> int:
     """Trainer batch (records: impressions and clicks) with ``batch_size`` impressions on
     average: the in-process reference arm's clicks per impression on this seed."""
@@ -221,7 +228,7 @@ def run_stack_seed(settings: Settings, run_home: Path, ctx: Any, cfg: Experiment
                    run: Any, services: dict[str, str], initial: str, log: Any) -> StackSeed:
     """The stack arm on seed ``run.seed``'s users (see the module docstring)."""
     from codistill.app.experiment.run import simulator_config
-    from codistill.app.processes import App, cleanup_shared, free_port, wait_ready
+    from codistill.app.processes import App, free_port, wait_ready
     from codistill.app.users import HttpRanker, SimulationSummary, simulate_on_server
     from serving.bundle import BundleRegistry
     from serving.watcher import AdminClient
@@ -290,8 +297,7 @@ def run_stack_seed(settings: Settings, run_home: Path, ctx: Any, cfg: Experiment
             app.terminate()
         for app in apps:
             app.stop(30)
-        cleanup_shared({"CODISTILL_STORE__REDIS_URL": services["redis"],
-                        "CODISTILL_STREAM__BOOTSTRAP_SERVERS": services["kafka"]}, tag)
+        cleanup(services, tag)
     trainer = apps[2].stdout_json() or {}
     out.trainer = {k: trainer.get(k) for k in ("batches", "optimizer_steps", "counters")}
     out.promotions, out.lag = promoter.promotions, promoter.lag
@@ -307,6 +313,7 @@ def run_stack(settings: Settings, ctx: Any, info: dict[str, Any], runs: list[Any
     from codistill.app.export import export_bundle
     from codistill.app.processes import copy_home
     from stores import open_configured_store
+    from teacher import workflow as wf
 
     cfg = settings.experiment
     services = services_of(settings)
@@ -315,17 +322,12 @@ def run_stack(settings: Settings, ctx: Any, info: dict[str, Any], runs: list[Any
     copy_home(settings.home, run_home, skip=SKIP)
     tag = f"exp-{uuid.uuid4().hex[:8]}-bundle"
     s = seed_settings(settings, run_home, tag, services)
-    from teacher import workflow as wf
-
     wf.precompute_version(s, info["teacher_version"], wf.precompute_sets(s), progress=False)
     try:
         with open_configured_store(s) as store:
             initial = export_bundle(s, store, info["student_version"], log=log).bundle_version
     finally:
-        from codistill.app.processes import cleanup_shared
-
-        cleanup_shared({"CODISTILL_STORE__REDIS_URL": services["redis"],
-                        "CODISTILL_STREAM__BOOTSTRAP_SERVERS": services["kafka"]}, tag)
+        cleanup(services, tag)
     seeds = []
     for run in runs:
         one = run_stack_seed(settings, run_home, ctx, cfg, run, services, initial, log)
