@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from codistill.app.machine import machine  # noqa: F401  (re-exported: every benchmark states it)
+from codistill.app.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -40,15 +41,6 @@ def write_result(name: str, payload: dict[str, Any], out: Path | None = None) ->
                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **payload}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 SERVICE_PORTS = {"redis": ("CODISTILL_REDIS_PORT",),

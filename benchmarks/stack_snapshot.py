@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,14 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine  # noqa: E402
 from codistill.app.monitor import snapshot  # noqa: E402
+from codistill.app.processes import free_port  # noqa: E402
 
 PORTS = ("REDIS", "KAFKA", "KAFKA_CONTROLLER", "PROMETHEUS", "SERVER", "TRAINER", "WATCHER")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 PHASE_PANELS = ("Online MRR (clicks) by version", "Mean KL(teacher || student) by version",

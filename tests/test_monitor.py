@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import threading
 import time
 import uuid
@@ -32,6 +31,7 @@ from codistill.app.monitor import (
     panel_queries,
     snapshot,
 )
+from codistill.app.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC = re.compile(r"codistill_[a-z_]+")
@@ -60,12 +60,6 @@ def _documented() -> set[str]:
             else:
                 names.add("_".join(base.split("_")[:2]) + short)
     return names
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _targets_dir() -> Path:
@@ -124,7 +118,7 @@ def test_client_reports_prometheus_errors(prometheus_url: str) -> None:
     with pytest.raises(PrometheusError, match="parse error"):
         PrometheusClient(prometheus_url).query("sum(codistill_serving_ready")
     with pytest.raises(PrometheusError, match="cannot reach"):
-        PrometheusClient(f"http://127.0.0.1:{_free_port()}", timeout=2).query("vector(1)")
+        PrometheusClient(f"http://127.0.0.1:{free_port()}", timeout=2).query("vector(1)")
 
 
 # ---------------------------------------------------------------- snapshot
@@ -196,7 +190,7 @@ def exporter(prometheus_url: str) -> Iterator[_Exporter]:
 
     tag = uuid.uuid4().hex[:10]
     exp = _Exporter(tag)
-    port = _free_port()
+    port = free_port()
     server, server_thread = start_http_server(port, addr="127.0.0.1", registry=exp.registry)
     traffic = threading.Thread(target=exp.run, daemon=True)
     traffic.start()
@@ -281,5 +275,5 @@ def test_monitor_snapshot_command(prometheus_url: str, exporter: _Exporter,
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert all(p["series"] > 0 for p in json.loads(out.with_suffix(".json").read_text())["panels"])
     bad = CliRunner().invoke(app, ["monitor", "snapshot", "--out", str(out), "--prometheus",
-                                   f"http://127.0.0.1:{_free_port()}"])
+                                   f"http://127.0.0.1:{free_port()}"])
     assert bad.exit_code == 2 and "cannot reach" in bad.output

@@ -7,7 +7,6 @@ namespace are unique per test, so the session's services stay shared.
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from codistill.app.processes import free_port
 from codistill.ids import candidate_id, query_id
 from stores import open_configured_store
 from streaming import open_stream
@@ -34,18 +34,12 @@ NEW = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_labeller_on_kafka_and_redis(kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> None:
     settings = kafka_redis_settings(tmp_path, kafka_bootstrap, redis_url, "labeller",
                                     partitions=2)
     settings.teacher.max_seq_length = 64
     settings.labeller.batch_size = 3
-    settings.labeller.metrics_port = _free_port()
+    settings.labeller.metrics_port = free_port()
     teacher = wf.open_teacher(settings, wf.ensure_current(settings), progress=False)
     v = teacher.version
     old = examples()[0].candidates
