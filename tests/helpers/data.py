@@ -1,6 +1,6 @@
 """Built data sets shared by a test session: each data configuration is mined from the
-pinned wheels once (about 7 s small, 55 s demo on 2 cores) and copied into every home
-that asks for it. Tests of the build itself call ``tasks.build.build_dataset``."""
+pinned wheels once and copied into every home that asks for it. Tests of the build
+itself call ``tasks.build.build_dataset``."""
 
 from __future__ import annotations
 
