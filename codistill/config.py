@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,15 +23,9 @@ from pydantic_settings import (
 )
 
 from codistill.gate import GateConfig
+from codistill.recipes import DistillConfig, ExportConfig, Section
 
 Size = Literal["small", "demo", "full"]
-
-
-class Section(BaseModel):
-    """A settings section: an unknown key (a typo in a file or a variable) is an error,
-    never silently ignored in favour of the default."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class DataSettings(Section):
@@ -95,62 +89,6 @@ class StreamSettings(Section):
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: str | None = None
-
-
-class DistillConfig(Section):
-    """Recipe of an offline distillation run (``settings.distill``; part of the student version).
-
-    Read by ``student.distill.distill`` and ``student.training.fit``; the loss these
-    fields weight is described in ``student.training``. ``recipe()`` is the part that
-    shapes the weights and so enters the student version; ``threads``,
-    ``track_valid`` and ``measure_speed`` only change how the run is executed and
-    reported.
-
-    Small sets need more epochs: ``epochs`` counts passes, and 200 train queries
-    make only 7 steps a pass (``small`` wants ~60). ``time_budget_s`` caps the
-    training loop's wall clock: after the first epoch the plan shrinks to the
-    epochs that fit, so a capped run is not reproducible across machines (the
-    benchmark sets it to 1e9).
-
-    ``threads`` defaults to 1: the ops are small, and on a shared machine OpenMP
-    threads spin against other jobs. Measured results of the default recipe:
-    ``benchmarks/results/student-demo.json``.
-    """
-
-    epochs: int = Field(10, ge=1)
-    time_budget_s: float = Field(65.0, gt=0, description="wall-clock cap of the training loop")
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of KD; 1 - alpha on hard labels")
-    temperature: float = Field(4.0, gt=0)
-    batch_size: int = Field(32, ge=1, description="queries per step")
-    lr: float = Field(5e-3, gt=0)
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    seed: int = 0
-    student: Literal["asym-bow", "bow"] = Field(
-        "asym-bow", description="asym-bow: query tower vs the teacher's stored candidate "
-        "embeddings (student.asym); bow: symmetric bi-encoder with its own code tower")
-    init: Literal["teacher", "random"] = Field(
-        "teacher", description="teacher: subword table = the teacher's embedding of each "
-        "subword (student.static_init; needs the teacher model and dim = its dim)")
-    max_vocab: int = Field(16384, ge=1)
-    oov_buckets: int = Field(8, ge=1)
-    dim: int | None = Field(None, ge=1, description="subword table width; None = the teacher's "
-                            "dim with init=teacher, else 128")
-    out_dim: int | None = Field(None, ge=1, description="embedding size; None = the teacher's")
-    in_batch_negatives: bool = Field(
-        True, description="hard-label CE against every candidate in the batch, not just the list")
-    embed_weight: float = Field(
-        4.0, ge=0.0, description="weight of 1 - cosine(student, teacher embedding) on the batch's "
-        "queries and candidates (needs out_dim = the teacher's dim)")
-    query_max_len: int = Field(64, ge=1)
-    candidate_max_len: int = Field(256, ge=1)
-    threads: int = Field(1, ge=0, description="torch threads while distilling; 0 = leave as is")
-    track_valid: bool = Field(True, description="valid MRR@10 after each epoch (logged only)")
-    measure_speed: bool = Field(True, description="time query encoding of student and teacher")
-
-    def recipe(self) -> dict[str, Any]:
-        """The fields that shape the weights (not the budget-only or reporting ones)."""
-        return self.model_dump(exclude={"track_valid", "measure_speed", "threads"})
 
 
 class BackoffConfig(Section):
@@ -267,23 +205,6 @@ class LabellerSettings(Section):
                                "every third of it; a killed labeller's lease runs out after this")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="/metrics; None = off")
     metrics_host: str = Field("127.0.0.1", description="/metrics binds (0.0.0.0 in a container)")
-
-
-class ExportConfig(Section):
-    """``codistill student export``: the checks a bundle must pass before it is written."""
-
-    parity_lists: int | None = Field(None, ge=1, description="valid lists scored by torch and "
-                                     "ONNX Runtime; None = all")
-    max_score_diff: float = Field(1e-3, gt=0, description="largest |torch - ONNX| logit, fp32")
-    tie_eps: float = Field(1e-5, gt=0, description="top-10 swaps allowed between items whose "
-                           "torch scores differ by less than this")
-    int8_max_score_diff: float = Field(1.0, gt=0, description="the same bound for int8 graphs")
-    int8_order_agreement: float = Field(0.9, ge=0, le=1, description="int8: mean top-10 "
-                                        "overlap with torch required")
-    fuzz_strings: int = Field(500, ge=0, description="random strings in the token-parity check")
-    drift_reference: int = Field(500, ge=0, description="training queries embedded into the "
-                                 "bundle as the server's drift reference; 0 = none")
-    seed: int = 0
 
 
 class MonitorSettings(Section):
