@@ -59,17 +59,17 @@ def build_student(
     Raises
     ------
     ValueError
-        If ``init="teacher"`` without ``encode`` or with ``dim``/``out_dim`` other than
-        ``teacher_dim``.
+        If ``init="teacher"`` without ``encode``, with ``out_dim`` other than
+        ``teacher_dim`` or with ``dim > out_dim``.
     """
     texts = [ex.query for ex in examples]
     texts += list(dict.fromkeys(c for ex in examples for c in ex.candidates))
     tokenizer = SubwordTokenizer(max_vocab=cfg.max_vocab, oov_buckets=cfg.oov_buckets).fit(texts)
     dim = cfg.dim or (teacher_dim if cfg.init == "teacher" else 128)
     out_dim = cfg.out_dim or teacher_dim
-    if cfg.init == "teacher" and not dim == out_dim == teacher_dim:
-        raise ValueError(f"init='teacher' needs dim = out_dim = the teacher's dim ({teacher_dim}); "
-                         f"got dim={dim}, out_dim={out_dim}")
+    if cfg.init == "teacher" and not dim <= out_dim == teacher_dim:
+        raise ValueError(f"init='teacher' needs out_dim = the teacher's dim ({teacher_dim}) and "
+                         f"dim <= out_dim; got dim={dim}, out_dim={out_dim}")
     torch.manual_seed(cfg.seed)
     kind = AsymmetricBowStudent if cfg.student == "asym-bow" else BowStudent
     student = kind(

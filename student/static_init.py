@@ -11,9 +11,13 @@ for each student, before and after training: ``benchmarks/results/student-demo.j
 (``benchmarks/student.py``). It costs one teacher encoding per kept subword, once;
 the teacher's embedding cache answers later runs.
 
-The table must have the teacher's width (``dim == out_dim == teacher dim``) and the
-projection starts as the identity, so the untrained student *is* the static model.
-Padding and the hashed OOV rows start at zero: a bucket mixes unrelated subwords.
+The student's output must have the teacher's width (``out_dim == teacher dim``). With
+a table as wide (``dim == out_dim``) the projection starts as the identity, so the
+untrained student *is* the static model. A narrower table (``dim = k < out_dim``)
+starts as the best rank-k version of it (truncated SVD, ``T ~ (T V_k) V_k^T``: table
+``T V_k``, projection ``V_k``), the size lever of a small bundle: the table is most of
+the bytes, and a k x d projection costs little. Padding and the hashed OOV rows start
+at zero: a bucket mixes unrelated subwords.
 """
 
 from __future__ import annotations
@@ -66,12 +70,16 @@ def static_table(tokenizer: SubwordTokenizer,
 
 @torch.no_grad()
 def init_from_table(student: BowStudent, table: np.ndarray) -> None:
-    """Load ``table`` into every embedding table of ``student``; projections become identity.
+    """Load ``table`` (or its best rank-``dim`` factorisation) into ``student``.
 
     Parameters
     ----------
     student : BowStudent
-        With ``dim == out_dim == table.shape[1]`` (changed in place).
+        With ``out_dim == table.shape[1]`` and ``dim <= out_dim`` (changed in place).
+        ``dim == out_dim``: every table is ``table`` and every projection the identity.
+        ``dim < out_dim``: with the truncated SVD ``table ~ U_k S_k V_k^T``, the tables
+        are ``table @ V_k`` and the projections ``V_k``, so the untrained student
+        embeds with the rank-``dim`` table closest to ``table`` (Eckart-Young).
     table : numpy.ndarray
         ``static_table`` output for the student's tokenizer.
 
@@ -79,15 +87,33 @@ def init_from_table(student: BowStudent, table: np.ndarray) -> None:
     ------
     ValueError
         If the shapes do not fit.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from student.bow import BowConfig, BowStudent
+    >>> from student.tokenizer import SubwordTokenizer
+    >>> tok = SubwordTokenizer(max_vocab=50).fit(["read a json file", "parse json"])
+    >>> table = np.random.default_rng(0).normal(size=(tok.vocab_size, 8)).astype("float32")
+    >>> student = BowStudent(tok, "t", BowConfig(dim=4, out_dim=8))
+    >>> init_from_table(student, table)
+    >>> student.embeddings[0].weight.shape[1], tuple(student.projections[0].weight.shape)
+    (4, (8, 4))
     """
     cfg = student.config
-    if table.shape != (student.tokenizer.vocab_size, cfg.dim) or cfg.dim != cfg.out_dim:
+    if table.shape != (student.tokenizer.vocab_size, cfg.out_dim) or cfg.dim > cfg.out_dim:
         raise ValueError(
-            f"static init needs dim == out_dim == the table's width and one row per subword: "
-            f"table {table.shape}, student vocab {student.tokenizer.vocab_size}, "
+            f"static init needs out_dim == the table's width, dim <= out_dim and one row per "
+            f"subword: table {table.shape}, student vocab {student.tokenizer.vocab_size}, "
             f"dim {cfg.dim}, out_dim {cfg.out_dim}"
         )
+    full = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))
+    if cfg.dim == cfg.out_dim:
+        rows, proj = full, torch.eye(cfg.dim)
+    else:  # uncentred on purpose: the projection is bias-free, so the mean must survive
+        basis = torch.linalg.svd(full.double(), full_matrices=False).Vh[:cfg.dim].T.float()
+        rows, proj = full @ basis, basis  # [V, k], [d, k]
     for emb in student.embeddings:
-        emb.weight.copy_(torch.from_numpy(table))
-    for proj in student.projections:
-        proj.weight.copy_(torch.eye(cfg.dim))
+        emb.weight.copy_(rows)
+    for p in student.projections:
+        p.weight.copy_(proj)

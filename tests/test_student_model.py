@@ -370,8 +370,26 @@ def test_static_init_makes_the_untrained_student_the_static_model(
     expect = table[ids[0][mask[0] == 1].numpy()].mean(0)  # token weights all start at 1
     got = model.encode_queries(["add numbers"])[0].detach().numpy()
     np.testing.assert_allclose(got, expect / np.linalg.norm(expect), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="dim == out_dim"):
+    with pytest.raises(ValueError, match="dim <= out_dim"):
         init_from_table(BowStudent(tokenizer, "teacher-v1", BowConfig(dim=8, out_dim=4)), table)
+
+
+def test_a_narrow_static_start_is_the_best_low_rank_table(tokenizer: SubwordTokenizer) -> None:
+    """dim k < d: table @ projection^T is the rank-k SVD truncation of the static table."""
+    from student.static_init import init_from_table
+
+    rng = np.random.default_rng(3)
+    table = rng.normal(size=(tokenizer.vocab_size, 12)).astype(np.float32)
+    table[0] = 0
+    model = BowStudent(tokenizer, "teacher-v1", BowConfig(dim=5, out_dim=12))
+    init_from_table(model, table)
+    got = (model.embeddings[0].weight @ model.projections[0].weight.T).detach().numpy()
+    u, s, vt = np.linalg.svd(table.astype(np.float64), full_matrices=False)
+    best = (u[:, :5] * s[:5]) @ vt[:5]
+    np.testing.assert_allclose(got, best, atol=1e-4)
+    full_error = np.linalg.norm(table - best)
+    assert full_error == pytest.approx(np.sqrt((s[5:] ** 2).sum()), rel=1e-4)
+    assert not got[0].any()  # padding stays zero
 
 
 def test_asym_bow_exports_one_query_graph_and_reloads_with_its_source(
