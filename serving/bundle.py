@@ -9,11 +9,11 @@ file                  content
                       ``[batch, seq]`` -> L2-normalised float32 ``embeddings [batch, d]``)
 ``candidate.onnx``    the candidate tower, when the student has one
 ``tokenizer.json``    the WordPiece file the student's subwords were cut from
-``drift-reference.npy`` float16 query-tower embeddings of up to 500 training queries:
+``drift-reference.npy`` float16 query-tower embeddings of up to 256 training queries:
                       the reference the server measures query drift (MMD) against
-``bundle.json``       the :class:`BundleCard`: versions, kind, logit scale, lengths, opset,
-                      precision, the compact vocabulary, metrics and parity at export,
-                      and the sha256 of every other file
+``bundle.json``       the :class:`BundleCard` (compact JSON): versions, kind, logit scale,
+                      lengths, opset, precision, the compact vocabulary, metrics and
+                      parity at export, and the sha256 of every other file
 ===================== ==================================================================
 
 A score is ``logit_scale * (q @ c.T)``. A student without a candidate tower
@@ -191,7 +191,8 @@ class BundleRegistry:
             target = self.path(card.bundle_version)
             if target.exists():
                 return self.load_card(card.bundle_version)
-            write_synced(staged / CARD_FILE, card.model_dump_json(indent=2))
+            # compact: the vocabulary is most of the card, one line per token would double it
+            write_synced(staged / CARD_FILE, card.model_dump_json())
             publish_dir(staged, target)
             return card
         finally:
@@ -204,6 +205,16 @@ class BundleRegistry:
             known = ", ".join(self.versions()) or "none"
             raise BundleError(f"no bundle {version!r} under {self.dir} (known: {known})")
         return BundleCard.model_validate_json(path.read_text())
+
+    def file_bytes(self, version: str) -> dict[str, int]:
+        """Bytes of every file of a bundle, the card included: what a server loads.
+
+        The student's size target is on their sum (``benchmarks/student.py``); the
+        teacher's candidate vectors in the store are counted separately.
+        """
+        folder = self.path(version)
+        self.load_card(version)  # must exist
+        return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
 
     def verify(self, version: str) -> BundleCard:
         """The card, after every file it lists was re-hashed; raises on any difference."""

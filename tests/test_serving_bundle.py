@@ -60,8 +60,11 @@ def test_cli_export_checks_publishes_pins_and_is_idempotent(home) -> None:
     assert set(card.files) == {"query.onnx", "tokenizer.json", "drift-reference.npy"}
     ref = np.load(reg.path(version) / card.drift["reference"])
     n_train = len({ex.query for ex in ds.read_split(s, "train")})
-    assert ref.shape == (min(500, n_train), card.embedding_dim) == (card.drift["queries"],
-                                                                     card.embedding_dim)
+    want = min(s.serving.export.drift_reference, n_train)
+    assert ref.shape == (want, card.embedding_dim) == (card.drift["queries"], card.embedding_dim)
+    sizes = reg.file_bytes(version)
+    assert set(sizes) == {*card.files, "bundle.json"} and all(n > 0 for n in sizes.values())
+    assert f"{sum(sizes.values()):,} bytes" in result.stdout
     assert 0 <= card.drift["oov_share"] < 0.5
     assert card.parity["failures"] == [] and card.parity["max_score_diff"] < 1e-3
     assert card.parity["top10_order_agreement"] == 1.0

@@ -106,6 +106,9 @@ def student_export(
                   f"max |torch - onnx| {p['max_score_diff']:.2e}, top-10 order agreement "
                   f"{p['top10_order_agreement']:.1%} on {p['lists']} valid lists, "
                   f"{p['token_mismatches']} token mismatches in {p['token_texts']} texts")
+    sizes = registry.file_bytes(card.bundle_version)
+    cli.out.print(f"{sum(sizes.values()):,} bytes: "
+                  + ", ".join(f"{name} {n:,}" for name, n in sizes.items()))
     cli.out.print(str(registry.path(card.bundle_version)))
 
 
