@@ -39,12 +39,12 @@ class DistillConfig(Section):
     ``benchmarks/results/student-demo.json``.
     """
 
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(15, ge=1)
     time_budget_s: float = Field(65.0, gt=0, description="wall-clock cap of the training loop")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of KD; 1 - alpha on hard labels")
     temperature: float = Field(4.0, gt=0)
     batch_size: int = Field(32, ge=1, description="queries per step")
-    lr: float = Field(5e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     seed: int = 0
@@ -56,14 +56,31 @@ class DistillConfig(Section):
         "subword (student.static_init; needs the teacher model and dim = its dim)")
     max_vocab: int = Field(16384, ge=1)
     oov_buckets: int = Field(8, ge=1)
-    dim: int | None = Field(None, ge=1, description="subword table width; None = the teacher's "
-                            "dim with init=teacher, else 128")
+    dim: int | None = Field(256, ge=1, description="subword table width, capped at the "
+                            "teacher's dim with init=teacher (narrower: a rank-k start, "
+                            "student.static_init); None = the teacher's dim, or 128 with "
+                            "init=random")
     out_dim: int | None = Field(None, ge=1, description="embedding size; None = the teacher's")
     in_batch_negatives: bool = Field(
         True, description="hard-label CE against every candidate in the batch, not just the list")
     embed_weight: float = Field(
         4.0, ge=0.0, description="weight of 1 - cosine(student, teacher embedding) on the batch's "
         "queries and candidates (needs out_dim = the teacher's dim)")
+    code_queries: bool = Field(
+        True, description="the train candidates' code as extra queries for the query tower, "
+        "against their stored teacher vectors (student.extra)")
+    unlabeled: int = Field(0, ge=0, description="texts of the data's unlabeled.jsonl (train "
+                           "groups only, tasks.unlabeled) as extra queries, embedded by the "
+                           "teacher once (cached); 0 = none")
+    unlabeled_kinds: list[Literal["summary", "code", "sentence", "name", "comment"]] | None = \
+        Field(None, description="kinds of unlabeled text used (tasks.unlabeled); None = all")
+    extra_batch: int = Field(64, ge=1, description="extra queries per step")
+    extra_list: int = Field(128, ge=2, description="teacher candidate vectors in each extra "
+                            "query's pseudo-list")
+    extra_weight: float = Field(4.0, ge=0.0, description="weight of 1 - cos(student, teacher) "
+                                "on the extra queries")
+    extra_kd_weight: float = Field(1.0, ge=0.0, description="weight of listwise KD over the "
+                                   "extra queries' pseudo-lists")
     query_max_len: int = Field(64, ge=1)
     candidate_max_len: int = Field(256, ge=1)
     threads: int = Field(1, ge=0, description="torch threads while distilling; 0 = leave as is")
@@ -87,6 +104,7 @@ class ExportConfig(Section):
     int8_order_agreement: float = Field(0.9, ge=0, le=1, description="int8: mean top-10 "
                                         "overlap with torch required")
     fuzz_strings: int = Field(500, ge=0, description="random strings in the token-parity check")
-    drift_reference: int = Field(500, ge=0, description="training queries embedded into the "
-                                 "bundle as the server's drift reference; 0 = none")
+    drift_reference: int = Field(256, ge=0, description="training queries embedded into the "
+                                 "bundle as the server's drift reference (float16, so 256 x "
+                                 "d x 2 bytes of the bundle); 0 = none")
     seed: int = 0

@@ -16,7 +16,7 @@ want=$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing codistill and its pinned dependencies into .venv (first time: a few minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c requirements.lock -e ".[dev,serve]"
+  .venv/bin/python -m pip install -q -c requirements.lock -e ".[dev,serve,peers]"
   echo "$want" > "$stamp"
 fi
 .venv/bin/codistill teacher verify minilm >/dev/null

@@ -37,7 +37,8 @@ def build_student(
     teacher_version : str
         The teacher the student is distilled from (saved with it).
     cfg : DistillConfig
-        ``student``, ``init``, ``max_vocab``, ``oov_buckets``, ``dim``, ``out_dim``,
+        ``student``, ``init``, ``max_vocab``, ``oov_buckets``, ``dim`` (capped at
+        ``out_dim`` with ``init="teacher"``), ``out_dim``,
         ``query_max_len``, ``candidate_max_len`` and ``seed`` are read.
     init_scale : float, default 20.0
         Starting logit scale ``s_S`` (the teacher's, normally).
@@ -65,8 +66,11 @@ def build_student(
     texts = [ex.query for ex in examples]
     texts += list(dict.fromkeys(c for ex in examples for c in ex.candidates))
     tokenizer = SubwordTokenizer(max_vocab=cfg.max_vocab, oov_buckets=cfg.oov_buckets).fit(texts)
-    dim = cfg.dim or (teacher_dim if cfg.init == "teacher" else 128)
     out_dim = cfg.out_dim or teacher_dim
+    if cfg.init == "teacher":
+        dim = min(cfg.dim, out_dim) if cfg.dim else out_dim
+    else:
+        dim = cfg.dim or 128
     if cfg.init == "teacher" and not dim <= out_dim == teacher_dim:
         raise ValueError(f"init='teacher' needs out_dim = the teacher's dim ({teacher_dim}) and "
                          f"dim <= out_dim; got dim={dim}, out_dim={out_dim}")

@@ -41,6 +41,7 @@ from codistill.config import DistillConfig, Settings
 from codistill.ranking import RankingExample
 from stores.base import Store
 from student.asym import StoreCandidates
+from student.base import Student
 from student.baselines import evaluate_bm25
 from student.build import build_student
 from student.evaluation import (
@@ -51,6 +52,7 @@ from student.evaluation import (
     teacher_kl,
     teacher_metrics_from_store,
 )
+from student.extra import ExtraQueries
 from student.labels import LABEL_CHUNK, read_labels
 from student.registry import StudentCard, student_registry
 from student.speed import measure_speed
@@ -152,15 +154,17 @@ def _distill(settings: Settings, cfg: DistillConfig, progress: bool, set_current
         try:
             splits = {sp: read_split(settings, sp) for sp in ("train", *EVAL_SPLITS)}
             records = read_labels(store, version, splits["train"])
-            encode = _teacher_encoder(settings, version, progress) if cfg.init == "teacher" \
-                else None
+            encode = _teacher_encoder(settings, version, progress) \
+                if cfg.init == "teacher" or cfg.unlabeled else None
             student = build_student(splits["train"], version, cfg, init_scale=info.logit_scale,
                                     teacher_dim=info.dim,
                                     candidate_source=StoreCandidates(store, version),
-                                    encode=encode)
+                                    encode=encode if cfg.init == "teacher" else None)
             data = TrainSet(splits["train"], records, student.tokenizer, cfg)
-            if cfg.embed_weight > 0 or not student.has_candidate_tower:
+            if cfg.embed_weight > 0 or not student.has_candidate_tower or cfg.code_queries \
+                    or cfg.unlabeled:
                 data.attach_candidate_embeddings(store, version)
+            extra = _extra_queries(settings, cfg, data, student, info.logit_scale, encode)
             held_out = {sp: read_labels(store, version, splits[sp]) for sp in EVAL_SPLITS}
 
             def assess(sp: str) -> dict[str, float]:
@@ -173,7 +177,7 @@ def _distill(settings: Settings, cfg: DistillConfig, progress: bool, set_current
             untrained = {sp: assess(sp) for sp in EVAL_SPLITS}
             clock["prepare"] = time.perf_counter() - t_start
 
-            train = fit(student, data, cfg, progress=progress, valid=splits["valid"])
+            train = fit(student, data, cfg, progress=progress, valid=splits["valid"], extra=extra)
             clock["train"] = train["seconds"]
             store.lease(version, holding, LEASE_SLACK_S)
 
@@ -250,6 +254,29 @@ def _teacher_metrics(
     return teacher_metrics_from_store(store, version, examples), "store"
 
 
+def _extra_queries(settings: Settings, cfg: DistillConfig, data: TrainSet, student: Student,
+                   scale: float, encode: Callable[[Sequence[str]], np.ndarray] | None,
+                   ) -> ExtraQueries | None:
+    """``cfg.code_queries`` (train candidates, stored vectors) + ``cfg.unlabeled`` mined texts
+    (embedded by the teacher, cached) as one ``ExtraQueries`` set; None if neither."""
+    from tasks.dataset import read_unlabeled
+
+    texts: list[str] = []
+    vectors: list[np.ndarray] = []
+    if cfg.code_queries:
+        texts += data.candidate_texts
+        vectors.append(data.teacher_candidates.numpy())
+    if cfg.unlabeled:
+        mined = read_unlabeled(settings, cfg.unlabeled, cfg.unlabeled_kinds)
+        assert encode is not None  # built with the teacher whenever cfg.unlabeled
+        texts += mined
+        vectors.append(np.asarray(encode(mined), dtype=np.float32))
+    if not texts:
+        return None
+    return ExtraQueries(student.tokenizer, texts, np.concatenate(vectors), cfg.query_max_len,
+                        scale)
+
+
 def _teacher_encoder(settings: Settings, version: str, progress: bool
                      ) -> Callable[[Sequence[str]], np.ndarray]:
     """The teacher's cached ``encode`` for the static start, or a clear error."""
@@ -262,7 +289,7 @@ def _teacher_encoder(settings: Settings, version: str, progress: bool
             f"init='teacher' needs the model of teacher {version} in this home's registry "
             f"({exc}); distil with init='random' to train from the stored labels alone"
         ) from exc
-    return lambda texts: teacher.encode(list(texts), desc="subword embeddings")
+    return lambda texts: teacher.encode(list(texts), desc=f"teacher: {len(texts)} texts")
 
 
 def results_table(summary: dict[str, Any]) -> Any:

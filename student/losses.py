@@ -10,14 +10,16 @@ Unlike sentence-transformers' losses, which wrap a model and take texts, these t
 scores: the caller runs the student (offline: ``student.training.fit``, online: the
 trainer), so one loss serves every student kind.
 
-=================== ========================================= =====================
-loss                learns from                               used by
-=================== ========================================= =====================
-``ListwiseKDLoss``  the teacher's logits over each list       offline and online KD
-``MarginMSELoss``   the teacher's positive-negative margins   (available)
-``IPWClickLoss``    clicks (or hard labels with ``eta=0``)    offline CE, online
-``OnlineLoss``      ``alpha`` KD + ``1 - alpha`` clicks       the online trainer
-=================== ========================================= =====================
+========================== ========================================= ====================
+loss                       learns from                               used by
+========================== ========================================= ====================
+``ListwiseKDLoss``         the teacher's logits over each list       offline and online KD
+``MarginMSELoss``          the teacher's positive-negative margins   (available)
+``IPWClickLoss``           clicks (or hard labels with ``eta=0``)    offline CE, online
+``OnlineLoss``             ``alpha`` KD + ``1 - alpha`` clicks       the online trainer
+``CosineRegressionLoss``   the teacher's embedding of any text       extra queries
+                                                                     (``student.extra``)
+========================== ========================================= ====================
 """
 
 from __future__ import annotations
@@ -387,3 +389,35 @@ class OnlineLoss(nn.Module):
                 fb = self.feedback(student_logits, clicks, ranks, mask, **extra)
         loss = self.alpha * kd + (1.0 - self.alpha) * fb
         return OnlineLossParts(loss, float(kd.detach()), float(fb.detach()), n_kd, n_fb)
+
+
+class CosineRegressionLoss(nn.Module):
+    """Embedding regression: pull the student's embeddings onto the teacher's.
+
+    ``loss = mean_b (1 - cos(q_b, t_b))``
+
+    for student embeddings ``q`` and teacher embeddings ``t`` of the same texts. It
+    needs no list and no label, so any text the teacher embedded teaches the student
+    its place in the teacher's space (unlabeled docstrings, code used as a query):
+    the loss behind Model2Vec-style and Tokenlearn-style static distillation, and the
+    ``embed`` term of ``student.training.fit``. No gradient flows into ``t``.
+
+    References:
+        - Reimers, Gurevych. "Making Monolingual Sentence Embeddings Multilingual using
+          Knowledge Distillation". EMNLP 2020. https://arxiv.org/abs/2004.09813
+
+    Inputs:
+        ``student`` ``[B, d]`` and ``teacher`` ``[B, d]`` embeddings (any norm).
+
+    Output:
+        a scalar tensor in [0, 2].
+
+    Example:
+        >>> q = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+        >>> t = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+        >>> CosineRegressionLoss()(q, t).item()  # 0 for the first row, 1 for the second
+        0.5
+    """
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return 1.0 - F.cosine_similarity(student, teacher.detach(), dim=-1).mean()

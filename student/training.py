@@ -6,7 +6,9 @@ Per step, on a batch of ``B`` train queries (``TrainSet.forward``)::
          + (1 - alpha) * CE(student logits, hard labels)
          + embed_weight * (2 - mean cos(q_S, q_T) - mean cos(c_S, c_T))
 
-with ``ListwiseKDLoss`` and ``IPWClickLoss(eta=0)`` (plain listwise cross-entropy)
+plus, with ``extra`` queries (``student.extra``: code as queries, unlabeled text),
+their embedding regression and pseudo-list KD terms; with ``ListwiseKDLoss`` and
+``IPWClickLoss(eta=0)`` (plain listwise cross-entropy)
 of ``student.losses``; with ``in_batch_negatives`` the CE ranks each query against
 every distinct candidate of the batch, not only its own list. The last term matches
 the teacher's embeddings of the batch's queries and candidates (for a student
@@ -32,13 +34,14 @@ from codistill.config import DistillConfig
 from codistill.ranking import RankingExample
 from student.base import Student
 from student.evaluation import evaluate_student
+from student.extra import ExtraQueries, sample_rows
 from student.losses import IPWClickLoss, ListwiseKDLoss
 from student.trainset import TrainSet
 
 
 def fit(
     student: Student, train_set: TrainSet, config: DistillConfig, *, progress: bool = False,
-    valid: Sequence[RankingExample] | None = None,
+    valid: Sequence[RankingExample] | None = None, extra: ExtraQueries | None = None,
 ) -> dict[str, Any]:
     """Train ``student`` in place on ``train_set`` under ``config``'s epoch and time budget.
 
@@ -65,6 +68,11 @@ def fit(
     valid : sequence of RankingExample, optional
         With ``config.track_valid``, evaluated after each epoch (logged in the
         history; it does not steer training).
+    extra : ExtraQueries, optional
+        Texts with teacher vectors for the query tower (``student.extra``); their
+        pseudo-lists are drawn from ``train_set.teacher_candidates`` (attach them
+        first). ``extra_batch``, ``extra_list``, ``extra_weight`` and
+        ``extra_kd_weight`` are read.
 
     Returns
     -------
@@ -72,7 +80,7 @@ def fit(
         ``epochs_run``, ``epochs_requested``, ``epochs_planned``, ``steps``,
         ``seconds``, ``stopped_by`` (``"epochs"`` or ``"time"``), ``queries_per_s``,
         ``student_scale`` and ``history``: one row per epoch with the mean ``loss``,
-        ``kd``, ``ce`` and ``embed`` terms per query, ``queries``, ``seconds``, the
+        ``kd``, ``ce``, ``embed`` and ``extra`` terms per query, ``queries``, ``seconds``, the
         last ``lr`` and, when tracked, ``valid_mrr@10``.
 
     References
@@ -83,6 +91,9 @@ def fit(
        https://arxiv.org/abs/1711.05101
     """
     cfg, data = config, train_set
+    if extra is not None and data.teacher_candidates is None:
+        raise RuntimeError("extra queries need the teacher's candidate vectors: "
+                           "attach_candidate_embeddings first")
     kd_fn, ce_fn = ListwiseKDLoss(cfg.temperature), IPWClickLoss(eta=0.0)  # eta 0: plain CE
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
@@ -106,7 +117,7 @@ def fit(
     epoch = 0
     while epoch < plan["epochs"]:
         t_epoch = time.perf_counter()
-        sums, seen = np.zeros(4), 0
+        sums, seen = np.zeros(5), 0
         for batch in torch.randperm(len(data), generator=gen).split(cfg.batch_size):
             out = data.forward(student, batch)
             kd = kd_fn(out.logits, data.teacher_logits[batch], out.mask)
@@ -122,6 +133,13 @@ def fit(
                          - (out.c * data.teacher_candidates[out.unique]).sum(-1).mean())
                 loss = loss + cfg.embed_weight * match
                 sums[3] += float(match.detach()) * len(batch)
+            if extra is not None and len(extra):
+                pool = data.teacher_candidates[sample_rows(len(data.teacher_candidates),
+                                                           cfg.extra_list, gen)]
+                reg, xkd = extra.loss(student, sample_rows(len(extra), cfg.extra_batch, gen),
+                                      pool, cfg)
+                loss = loss + reg + xkd
+                sums[4] += float((reg + xkd).detach()) * len(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -137,7 +155,7 @@ def fit(
         epoch += 1
         total_seen += seen
         row = {"epoch": epoch, "loss": sums[0] / seen, "kd": sums[1] / seen, "ce": sums[2] / seen,
-               "embed": sums[3] / seen, "queries": seen,
+               "embed": sums[3] / seen, "extra": sums[4] / seen, "queries": seen,
                "seconds": time.perf_counter() - t_epoch, "lr": sched.get_last_lr()[0]}
         if valid is not None and cfg.track_valid:
             row["valid_mrr@10"] = evaluate_student(student, valid)["mrr@10"]

@@ -82,6 +82,8 @@ class TrainSet:
         ``[N, K]`` candidate rows, real-candidate mask, teacher logits, hard labels.
     queries, candidates : TokenisedTexts
         The ``N`` queries and the distinct candidates, tokenised once.
+    candidate_texts : list of str
+        The distinct candidate texts, in row order.
     candidate_ids : list of str
         Id of each distinct candidate, as the ranking file gives it (content hash or
         user-chosen).
@@ -118,7 +120,8 @@ class TrainSet:
                 rec.logit_scale * rec.scores.astype(np.float32))
             self.labels[i, :k] = torch.tensor(ex.labels, dtype=torch.float32)
         self.queries = TokenisedTexts(tokenizer, [ex.query for ex in examples], cfg.query_max_len)
-        self.candidates = TokenisedTexts(tokenizer, list(position), cfg.candidate_max_len)
+        self.candidate_texts = list(position)
+        self.candidates = TokenisedTexts(tokenizer, self.candidate_texts, cfg.candidate_max_len)
         # the teacher's own embeddings, for the optional embedding-matching term
         self.teacher_queries = F.normalize(torch.from_numpy(np.stack(
             [r.query_embedding.astype(np.float32) for r in records])), dim=-1)

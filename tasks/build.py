@@ -13,6 +13,10 @@ simulator and online learning, from packages no other file mines, sharing no
 group, code or query with the splits or guards. It is written after them and
 recorded under ``online`` (file, sha256, counts, sources, mining), outside
 ``data_hash`` and ``guards_hash``: adding it changed no cache key.
+
+``unlabeled.jsonl`` (:mod:`tasks.unlabeled`) holds text without labels from the
+train groups only (code, docstring sentences, names, comments, left-over train
+summaries) for the student's query tower; it too is outside ``data_hash``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import platform
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,7 @@ from tasks.negatives import build_examples
 from tasks.online import ONLINE_FILE, build_online
 from tasks.packages import SMALL_STDLIB, pins_for
 from tasks.sources import (
+    SourceFile,
     SourceInfo,
     chain_files,
     dir_files,
@@ -45,6 +50,8 @@ from tasks.sources import (
     wheel_files,
 )
 from tasks.split import QUERY_CAPS, SPLITS, Split, cap_queries, split_pairs
+from tasks.unlabeled import CAPS as UNLABELED_CAPS
+from tasks.unlabeled import UNLABELED_FILE, mine_unlabeled, write_unlabeled
 from tasks.wheels import fetch_wheels
 
 log = logging.getLogger(__name__)
@@ -94,12 +101,14 @@ def build_dataset(
     infos += [SourceInfo(p.name, p.version, p.sha256) for p in pins]
     infos += [dir_info(path) for path in extra]
 
-    files = chain_files(
-        stdlib_files(SMALL_STDLIB if data.size == "small" else None),
-        *(wheel_files(wheels[pin.name], pin) for pin in pins),
-        *(dir_files(path) for path in extra),
-    )
-    mined = mine(files, progress=progress)
+    def files() -> Iterator[SourceFile]:
+        return chain_files(
+            stdlib_files(SMALL_STDLIB if data.size == "small" else None),
+            *(wheel_files(wheels[pin.name], pin) for pin in pins),
+            *(dir_files(path) for path in extra),
+        )
+
+    mined = mine(files(), progress=progress)
     log.info("mined %d pairs from %d files", len(mined.pairs), mined.stats["files"])
     lap("mine")
 
@@ -153,6 +162,19 @@ def build_dataset(
     }
     lap("online")
 
+    asked = {p.summary for p in queries["train"]}
+    held = [*(ex for s in SPLITS for ex in examples[s]), *guard_examples, *online.examples]
+    texts, unlabeled_stats = mine_unlabeled(
+        files(), {p.group for p in pools["train"]},
+        [p.summary for p in pools["train"] if p.summary not in asked],
+        exclude=[t for ex in held for t in (ex.query, *ex.candidates)],
+        cap=UNLABELED_CAPS[data.size], seed=data.seed)
+    unlabeled_path = out_dir / UNLABELED_FILE
+    write_unlabeled(unlabeled_path, texts)
+    unlabeled_entry = {"file": unlabeled_path.name, "sha256": sha256_file(unlabeled_path),
+                       "texts": len(texts), "mining": unlabeled_stats}
+    lap("unlabeled")
+
     source_pairs = Counter(p.source for p in mined.pairs)
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
@@ -174,6 +196,7 @@ def build_dataset(
         "guards": guard_entries,
         "guards_hash": guards_hash(guard_entries),
         "online": online_entry,
+        "unlabeled": unlabeled_entry,
         "build_seconds": round(time.perf_counter() - started, 2),
         "stage_seconds": stages,
     }

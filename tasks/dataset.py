@@ -11,6 +11,7 @@ online learning, never reported like valid or test.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from codistill.config import Settings
@@ -102,3 +103,22 @@ def read_online(settings: Settings) -> list[RankingExample]:
             f"`codistill data build --size {settings.data.size}`"
         )
     return read_ranking_file(path)
+
+
+def read_unlabeled(settings: Settings, limit: int | None = None,
+                   kinds: Sequence[str] | None = None) -> list[str]:
+    """The first ``limit`` texts (of ``kinds``, default all) of ``HOME/data/SIZE/unlabeled.jsonl``
+    (train groups only, ``tasks.unlabeled``).
+
+    The file is in a seeded shuffled order, so a prefix is a sample of every kind.
+    """
+    from tasks.unlabeled import UNLABELED_FILE
+    from tasks.unlabeled import read_unlabeled as read_file
+
+    path = settings.data_dir / UNLABELED_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: the data was built before unlabeled text existed; rebuild it "
+            f"with `codistill data build --size {settings.data.size}` (data_hash stays the same)"
+        )
+    return [t.text for t in read_file(path, kinds)[:limit]]

@@ -366,23 +366,43 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 
 @pytest.mark.slow
-def test_student_beats_bm25_on_held_out_demo_queries(demo: Settings) -> None:
-    """The issue's bar: distilled on the demo train split, better than BM25 on valid and test.
+def test_default_student_beats_bm25_and_model2vec_in_3mb(demo: Settings) -> None:
+    """The default recipe, distilled on the demo train split: on held-out valid and test
+    it beats BM25 and the Model2Vec PCA-128 peer distilled from the *same* teacher by a
+    margin, and its int8 serving bundle (every file the server loads) is <= 3 MB.
 
-    Measured (zero-shot teacher at 128 subwords, 10 epochs): asym-bow with the static
-    start 0.669 / 0.649 MRR@10 valid / test, BM25 0.467 / 0.522, teacher 0.726 / 0.712
-    (92% / 91% kept); the symmetric bow 0.548 / 0.478 does not beat BM25 on test.
+    Margins are set well below ``benchmarks/results/student-demo.json`` (where the
+    student leads Model2Vec PCA-128 by > 0.2 and BM25 by > 0.1 MRR@10 on test), so
+    a regression to a bag-of-words matcher fails and seed noise does not.
     """
+    from benchmarks.peers import distill_model2vec, peer_metrics
+    from codistill.app.export import export_bundle
+    from serving.bundle import BundleRegistry
+
     summary = distill(demo, DistillConfig(time_budget_s=1e9, measure_speed=False),
-                      progress=False, set_current=False)
+                      progress=False, set_current=True)
     res = summary["results"]
-    print({k: {sp: round(res[k][sp]["mrr@10"], 4) for sp in ("valid", "test")} for k in res})
-    assert summary["data"]["train_queries"] == 2000 and summary["train"]["epochs_run"] == 10
+    version = summary["teacher_version"]
+    teacher = wf.open_teacher(demo, version, progress=False)
+    peer, meta = distill_model2vec(teacher, 128, demo.home / "m2v-128")
+    store = open_configured_store(demo)
+    try:
+        card = export_bundle(demo, store, summary["student_version"], precision="int8")
+    finally:
+        store.close()
+    size = sum(BundleRegistry(demo.bundles_dir).file_bytes(card.bundle_version).values())
+    peers = {sp: peer_metrics(peer, ds.read_split(demo, sp)) for sp in ("valid", "test")}
+    print({k: {sp: round(res[k][sp]["mrr@10"], 4) for sp in ("valid", "test")} for k in res},
+          {sp: round(m["mrr@10"], 4) for sp, m in peers.items()}, size, meta["bytes"])
+    assert summary["data"]["train_queries"] == 2000
     for sp in ("valid", "test"):
-        assert res["student"][sp]["mrr@10"] > res["bm25"][sp]["mrr@10"] + 0.05, (sp, res)
+        student = res["student"][sp]["mrr@10"]
+        assert student > res["bm25"][sp]["mrr@10"] + 0.05, (sp, res)
         assert res["student"][sp]["ndcg@10"] > res["bm25"][sp]["ndcg@10"] + 0.04, (sp, res)
+        assert student > peers[sp]["mrr@10"] + 0.1, (sp, student, peers)
         assert summary["share_of_teacher_mrr@10"][sp] > 0.8, summary["share_of_teacher_mrr@10"]
-    assert summary["size"]["megabytes"] < 12
+    assert size <= 3_000_000 < meta["bytes"]
+    assert card.metrics["valid (onnx)"]["mrr@10"] > res["student"]["valid"]["mrr@10"] - 0.01
 
 
 def test_distill_saves_pins_and_reports(small: Settings, distilled: dict) -> None:
@@ -470,7 +490,7 @@ def test_cli_evaluate_and_list(small: Settings, distilled: dict, tmp_path: Path)
 
 @pytest.mark.slow
 def test_student_benchmark_quick_writes_its_table(small: Settings, tmp_path: Path) -> None:
-    """benchmarks/student.py --quick on the precomputed small home: JSON + chart, sane numbers."""
+    """benchmarks/student.py --quick on the small home: JSON + chart, every evaluation listed."""
     import subprocess
     import sys
 
@@ -478,18 +498,29 @@ def test_student_benchmark_quick_writes_its_table(small: Settings, tmp_path: Pat
     out = tmp_path / "student.json"
     proc = subprocess.run(
         [sys.executable, "benchmarks/student.py", "--quick", "--home", str(small.home),
-         "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+         "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["variants"]) == {"bow, random start", "asym-bow, static start"}
+    assert set(result["recipes"]) == {"asym-bow full width (previous default)", "default"}
     assert out.with_suffix(".png").stat().st_size > 1000
-    for r in result["variants"].values():
-        assert r["epochs_run"] == 20 and 0 < r["megabytes"] < 20
-        for sp in ("valid", "test"):
-            assert 0 < r[sp]["mrr@10"] <= 1 and r["share_of_teacher_mrr@10"][sp] > 0
-    asym, bow = result["variants"]["asym-bow, static start"], result["variants"]["bow, random start"]
-    assert _pooled(asym, "mrr@10") > _pooled(bow, "mrr@10")  # the static start pays (0.52 vs 0.4)
-    assert result["variants"]["asym-bow, static start"]["speed"]["student"]["queries_per_s"] > 0
+    sets = set(result["sets"])
+    assert {"valid", "test"} < sets  # and the small build's guard set(s)
+    for r in result["recipes"].values():
+        assert r["epochs_run"] == 60 and 0 < r["bundle_bytes"] == sum(r["bundle_files"].values())
+        assert set(r["int8"]) == set(r["torch"]) == sets
+        for m in (*r["int8"].values(), *r["torch"].values()):
+            assert 0 < m["mrr@10"] <= 1
+    default = result["recipes"]["default"]
+    assert default["bundle_bytes"] < result["recipes"]["asym-bow full width (previous default)"][
+        "bundle_bytes"]
+    listed = {(e["recipe"], e["engine"], e["set"]) for e in result["evaluations"]}
+    assert listed == {(n, e, s) for n in result["recipes"] for e in ("torch", "int8")
+                      for s in sets - {"valid"}}
+    assert result["chosen"] in result["recipes"]
+    assert set(result["peers"]) == {"Model2Vec PCA-64"}
+    assert set(result["peers"]["Model2Vec PCA-64"]["metrics"]) == sets
+    assert set(result["fallback_test"]) == {"0% unknown", "25% unknown", "50% unknown"}
+    assert set(result["verdict"]) == {"bundle_bytes", *(sets - {"valid"})}
 
 
 def test_a_killed_distillation_leaves_a_lease_that_runs_out_not_a_pin(small: Settings) -> None:

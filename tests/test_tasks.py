@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from codistill.config import DataSettings
+from codistill.fsio import sha256_file
 from codistill.ids import candidate_id, query_id
+from codistill.ranking import read_ranking_file
 from codistill.text import subword_tokens
 from tasks import DatasetError, build_dataset, load_manifest, load_split
 from tasks.build import _check_sizes, data_hash
@@ -368,6 +370,35 @@ def test_manifest(small_build: tuple[Path, dict]) -> None:
     assert manifest["data_hash"] == data_hash(out)
     assert manifest["build_seconds"] > 0
     json.dumps(manifest)
+
+
+def test_unlabeled_text_comes_from_train_groups_and_leaks_nothing(
+    small_build: tuple[Path, dict],
+) -> None:
+    """unlabeled.jsonl: train groups only, no text of another set, every kind, seeded counts."""
+    from tasks.guards import file_name
+    from tasks.online import ONLINE_FILE
+    from tasks.unlabeled import KINDS, UNLABELED_FILE, read_unlabeled
+
+    out, manifest = small_build
+    texts = read_unlabeled(out / UNLABELED_FILE)
+    entry = manifest["unlabeled"]
+    assert entry["texts"] == len(texts) > 100 and entry["sha256"] == sha256_file(
+        out / UNLABELED_FILE)
+    assert {t.kind for t in texts} == set(KINDS)
+    for kind in KINDS:
+        assert entry["mining"][f"kept_{kind}"] == sum(t.kind == kind for t in texts)
+    train_groups = set(manifest["groups"]["train"])
+    assert {t.group for t in texts} <= train_groups | {"train"}
+    held = [ex for s in SPLITS for ex in load_split(out, s)]
+    held += [ex for g in manifest["guards"] for ex in read_ranking_file(out / file_name(g))]
+    held += read_ranking_file(out / ONLINE_FILE)
+    others = {t.strip() for ex in held for t in (ex.query, *ex.candidates)}
+    assert not others & {t.text.strip() for t in texts}
+    assert len({t.text for t in texts}) == len(texts)
+    train_queries = {ex.query for ex in load_split(out, "train")}
+    summaries = [t.text for t in texts if t.kind == "summary"]
+    assert summaries and not set(summaries) & train_queries  # the cap's left-overs only
 
 
 def test_rebuild_gives_same_data_hash(small_build: tuple[Path, dict], tmp_path: Path) -> None:
