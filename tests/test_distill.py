@@ -405,6 +405,33 @@ def test_default_student_beats_bm25_and_model2vec_in_3mb(demo: Settings) -> None
     assert card.metrics["valid (onnx)"]["mrr@10"] > res["student"]["valid"]["mrr@10"] - 0.01
 
 
+def test_code_queries_teach_the_query_tower_where_held_out_code_lies(small: Settings) -> None:
+    """Code as extra queries (student.extra): the query tower puts *valid* functions, never
+    trained on, closer to the teacher's own vectors of them than without the extra term."""
+    store = open_configured_store(small)
+    try:
+        version = store.current()
+        valid = ds.read_split(small, "valid")
+        cands = {c: cid for ex in valid for c, cid in zip(ex.candidates, ex.candidate_ids,
+                                                           strict=True)}
+        teacher_vecs, found = store.get_embeddings(version, list(cands.values()))
+        assert found.all()
+        cos = {}
+        for on in (False, True):
+            cfg = SMALL_CFG.model_copy(update={"code_queries": on, "epochs": 30})
+            summary = distill(small, cfg, progress=False, set_current=False)
+            model = student_registry(small.home).load(
+                summary["student_version"], candidate_source=StoreCandidates(store, version))
+            with torch.no_grad():
+                q = model.encode_queries(list(cands)).numpy()
+            t = teacher_vecs / np.linalg.norm(teacher_vecs, axis=1, keepdims=True)
+            cos[on] = float((q * t).sum(1).mean())
+    finally:
+        store.close()
+    print(cos)
+    assert cos[True] > cos[False] + 0.02, cos
+
+
 def test_distill_saves_pins_and_reports(small: Settings, distilled: dict) -> None:
     reg = student_registry(small.home)
     version = distilled["student_version"]
