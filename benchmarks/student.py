@@ -172,9 +172,10 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
 
     sets = [s for s in result["sets"] if s != "valid"]
-    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4.5), squeeze=False)
     for ax, s in zip(axes[0], sets, strict=True):
         for name, r in result["recipes"].items():
             ax.scatter(r["bundle_bytes"] / 1e6, r["int8"][s]["mrr@10"], marker="o",
@@ -191,10 +192,14 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ax.axhline(result["bm25"][s]["mrr@10"], color="tab:red", ls=":", lw=1, label="BM25")
         ax.axvline(MAX_BUNDLE_BYTES / 1e6, color="grey", ls="-.", lw=1, label="3 MB")
         ax.set_xscale("log")
+        ticks = [1, 2, 3, 5, 10, 20, 50]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FixedFormatter([str(t) for t in ticks]))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("bytes the server loads (MB, log)")
         ax.set_ylabel("MRR@10")
         ax.set_title(s, fontsize=9)
-        ax.legend(fontsize=6, loc="lower right")
+        ax.legend(fontsize=6, loc="best", framealpha=0.6)
     fig.suptitle(f"students (int8 bundles) and peers <- {result['teacher_version']} "
                  f"({result['size']})", fontsize=9)
     fig.tight_layout()
@@ -241,9 +246,14 @@ def main() -> None:
     ap.add_argument("--peer-unlabeled", type=int, default=None, metavar="N",
                     help="unlabeled texts in the Tokenlearn-style peer's corpus (default all; "
                          "each is one teacher encoding, slow for mpnet on CPU)")
+    ap.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                    help="only redraw the chart of a written result file")
     ap.add_argument("--recipes", default=None,
                     help=f"comma-separated subset of: {', '.join(RECIPES)}")
     args = ap.parse_args()
+    if args.replot:
+        console.print(f"written {plot(json.loads(args.replot.read_text()), args.replot.with_suffix('.png'))}")
+        return
     names = list(QUICK if args.quick else RECIPES)
     if args.recipes:
         names = [n.strip() for n in args.recipes.split(",")]

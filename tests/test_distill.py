@@ -418,7 +418,7 @@ def test_code_queries_teach_the_query_tower_where_held_out_code_lies(small: Sett
         assert found.all()
         cos = {}
         for on in (False, True):
-            cfg = SMALL_CFG.model_copy(update={"code_queries": on, "epochs": 30})
+            cfg = SMALL_CFG.model_copy(update={"code_queries": on, "epochs": 10})
             summary = distill(small, cfg, progress=False, set_current=False)
             model = student_registry(small.home).load(
                 summary["student_version"], candidate_source=StoreCandidates(store, version))
