@@ -405,13 +405,19 @@ def test_default_student_beats_bm25_and_model2vec_in_3mb(demo: Settings) -> None
     assert card.metrics["valid (onnx)"]["mrr@10"] > res["student"]["valid"]["mrr@10"] - 0.01
 
 
-def test_code_queries_teach_the_query_tower_where_held_out_code_lies(small: Settings) -> None:
+def test_code_queries_teach_the_query_tower_where_held_out_code_lies(small: Settings,
+                                                                     tmp_path: Path) -> None:
     """Code as extra queries (student.extra): the query tower puts *valid* functions, never
     trained on, closer to the teacher's own vectors of them than without the extra term."""
-    store = open_configured_store(small)
+    import shutil
+
+    home = tmp_path / "home"  # a copy: the students it saves must not pin the shared home
+    shutil.copytree(small.home, home)
+    s = small.model_copy(update={"home": home})
+    store = open_configured_store(s)
     try:
         version = store.current()
-        valid = ds.read_split(small, "valid")
+        valid = ds.read_split(s, "valid")
         cands = {c: cid for ex in valid for c, cid in zip(ex.candidates, ex.candidate_ids,
                                                            strict=True)}
         teacher_vecs, found = store.get_embeddings(version, list(cands.values()))
@@ -419,8 +425,8 @@ def test_code_queries_teach_the_query_tower_where_held_out_code_lies(small: Sett
         cos = {}
         for on in (False, True):
             cfg = SMALL_CFG.model_copy(update={"code_queries": on, "epochs": 10})
-            summary = distill(small, cfg, progress=False, set_current=False)
-            model = student_registry(small.home).load(
+            summary = distill(s, cfg, progress=False, set_current=False)
+            model = student_registry(s.home).load(
                 summary["student_version"], candidate_source=StoreCandidates(store, version))
             with torch.no_grad():
                 q = model.encode_queries(list(cands)).numpy()

@@ -552,7 +552,7 @@ def test_query_only_student_learns_online_against_the_stored_candidate_vectors(
     with open_store(s.resolved_store()) as store:
         version = store.current()
         assert version is not None
-        cfg = DistillConfig(init="random", seed=0)
+        cfg = DistillConfig(init="random", dim=128, seed=0)  # a small random table to lift
         build_student(train, version, cfg, candidate_source=StoreCandidates(store, version)
                       ).save(tmp_path / "warm")
         before = _mrr(tmp_path / "warm", test, StoreCandidates(store, version))
