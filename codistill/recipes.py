@@ -56,10 +56,10 @@ class DistillConfig(Section):
         "subword (student.static_init; needs the teacher model and dim = its dim)")
     max_vocab: int = Field(16384, ge=1)
     oov_buckets: int = Field(8, ge=1)
-    dim: int | None = Field(256, ge=1, description="subword table width, capped at the "
-                            "teacher's dim with init=teacher (narrower: a rank-k start, "
-                            "student.static_init); None = the teacher's dim, or 128 with "
-                            "init=random")
+    dim: int | None = Field(256, ge=1, description="subword table width (also with "
+                            "init=random); capped at the teacher's dim with init=teacher "
+                            "(narrower: a rank-k start, student.static_init); None = the "
+                            "teacher's dim with init=teacher, else 128")
     out_dim: int | None = Field(None, ge=1, description="embedding size; None = the teacher's")
     in_batch_negatives: bool = Field(
         True, description="hard-label CE against every candidate in the batch, not just the list")
