@@ -68,14 +68,11 @@ def peer_metrics(model: Any, examples: Sequence[RankingExample], store: Store | 
     With ``store`` and ``version`` the candidates are the teacher's stored vectors
     (query-encoder use); otherwise the model encodes them too (symmetric use).
     """
+    from student.base import unique_candidates
+
     queries = _encode(model, [ex.query for ex in examples])
-    texts: dict[str, int] = {}
-    ids: list[str] = []
-    for ex in examples:
-        for text, cid in zip(ex.candidates, ex.candidate_ids, strict=True):
-            if text not in texts:
-                texts[text] = len(texts)
-                ids.append(cid)
+    texts, ids = unique_candidates([ex.candidates for ex in examples],
+                                   [ex.candidate_ids for ex in examples])
     if store is not None and version is not None:
         cands, found = store.get_embeddings(version, ids)
         if not found.all():

@@ -145,15 +145,16 @@ def tokenlearn_corpus(settings: Any, store: Any, version: str, teacher: Any,
     candidates (stored) and the data's unlabeled text (embedded once, cached)."""
     import numpy as np
 
+    from student.base import unique_candidates
     from student.labels import read_labels
 
     train = ds.read_split(settings, "train")
     records = read_labels(store, version, train)
     texts = [ex.query for ex in train]
     vectors = [np.stack([r.query_embedding for r in records]).astype(np.float32)]
-    cands = {c: cid for ex in train for c, cid in zip(ex.candidates, ex.candidate_ids,
-                                                       strict=True)}
-    emb, found = store.get_embeddings(version, list(cands.values()))
+    cands, ids = unique_candidates([ex.candidates for ex in train],
+                                   [ex.candidate_ids for ex in train])
+    emb, found = store.get_embeddings(version, ids)
     texts += [c for c, ok in zip(cands, found, strict=True) if ok]
     vectors.append(emb[found].astype(np.float32))
     try:
